@@ -1,0 +1,27 @@
+# Two entry points: `make demo` runs the main job, `make test` runs the whole suite.
+# Both create .venv on first use. constraints.txt pins the CPU torch wheel for this machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v g++ >/dev/null || (echo "g++ is required (DeepSpeed compiles a CPU op): apt-get install g++" && exit 1)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/restorch demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,76 @@
+"""Small building blocks shared by the U-shaped restoration transformers (Restormer, HINT, LAformer)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map, eps 1e-5.
+
+    `bias=False` is Restormer's bias-free form: x / sqrt(var + eps) * weight, without subtracting
+    the mean (used for denoising).
+    """
+
+    def __init__(self, dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        if self.bias is None:
+            x = x / torch.sqrt(var + 1e-5)
+            return x * self.weight[:, None, None]
+        x = (x - x.mean(dim=1, keepdim=True)) / torch.sqrt(var + 1e-5)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class GatedDconvFeedForward(nn.Module):
+    """Restormer's GDFN: 1x1 conv to 2*hidden, 3x3 depthwise, gelu(x1) * x2, 1x1 conv back."""
+
+    def __init__(self, dim: int, expansion_factor: float, bias: bool) -> None:
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, 1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, 3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution, double the width: 3x3 conv n -> n/2, then pixel-unshuffle(2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution, halve the width: 3x3 conv n -> 2n, then pixel-shuffle(2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad H and W up to a multiple of `multiple`; returns the padded map and the original size."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h or pad_w:
+        # Reflect padding needs pad < size; replicate covers tiny inputs (e.g. 1-3 pixel images).
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    return x, (height, width)
+

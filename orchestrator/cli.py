@@ -1,0 +1,39 @@
+"""The `restorch` command line.
+
+Each command group lives in its own module under `orchestrator/commands/` and exposes
+`register(subparsers)`, which adds its sub-commands and sets `handler` on each; this file only
+assembles them. A handler returns an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orchestrator.commands import COMMAND_MODULES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restorch",
+        description="Experiment orchestration for image-restoration transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Input problems (bad config, unknown name, missing file) are raised as ValueError /
+        # FileNotFoundError with a message naming the problem and the fix: print it, no traceback.
+        print(f"restorch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
