@@ -1,0 +1,74 @@
+"""`restorch models list` and `restorch models profile NAME --set key=value --size 256`."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import yaml
+
+from models import build_model, list_models
+from models.profile import ModelProfile, profile_model
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["attention=glmha", "glmha.kv_reduction=0.5"]` -> nested config dict; values are YAML scalars/lists."""
+    config: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value (e.g. glmha.alpha=0.6), got {pair!r}")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {pair!r}: {part!r} is already set to a value, not a mapping")
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def format_profile_table(rows: list[tuple[str, ModelProfile]]) -> str:
+    width = max(len("model"), *(len(name) for name, _ in rows))
+    header = f"{'model':<{width}} {'params (M)':>11} {'conv GMACs':>11} {'total GMACs':>12}"
+    lines = [header, "-" * len(header)]
+    for name, profile in rows:
+        lines.append(f"{name:<{width}} {profile.params / 1e6:>11.3f} {profile.conv_gmacs:>11.2f} {profile.total_gmacs:>12.2f}")
+    return "\n".join(lines)
+
+
+def describe(config: dict[str, Any]) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in config.items() if k != "name")
+    return f"{config['name']}({options})" if options else config["name"]
+
+
+def profile_configs(configs: list[dict[str, Any]], size: int) -> str:
+    rows = [(describe(config), profile_model(build_model(config), size=size)) for config in configs]
+    note = (
+        f"input 1xCx{size}x{size}; conv GMACs = conv/linear layers only (the papers' 'FLOPs' column), "
+        "total GMACs = with attention matmuls"
+    )
+    return f"{format_profile_table(rows)}\n{note}"
+
+
+def _list(args: argparse.Namespace) -> int:
+    for name, defaults in list_models().items():
+        print(f"{name}:")
+        print("  " + yaml.safe_dump(defaults, default_flow_style=None, sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    config = {"name": args.name, **parse_overrides(args.set)}
+    print(profile_configs([config], args.size))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    models = subparsers.add_parser("models", help="list and profile the registered models")
+    commands = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    commands.add_parser("list", help="registered models and their default options").set_defaults(handler=_list)
+    profile = commands.add_parser("profile", help="params, conv GMACs and total GMACs of a model")
+    profile.add_argument("name", help="registered model name (see `restorch models list`)")
+    profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model option, e.g. glmha.kv_reduction=0.5")
+    profile.add_argument("--size", type=int, default=256, help="input height and width (default 256)")
+    profile.set_defaults(handler=_profile)
