@@ -2,7 +2,8 @@
 
 A model's options are its constructor's keyword arguments. Models that take `attention_options`
 also accept one sub-dict per attention name (`{"glmha": {"alpha": 0.6}}`), validated against that
-attention's options.
+attention's options. A model may also take a group of options as one mapping argument (HINT's
+`hmha: {...}`); `option_group` merges such a group over its defaults.
 """
 from __future__ import annotations
 
@@ -40,7 +41,23 @@ def _constructor_defaults(cls: type[nn.Module]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
     return list(value) if isinstance(value, tuple) else value
+
+
+def option_group(group: str, given: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a group (a mapping-valued model option) merged over its defaults.
+
+    Unknown keys are an error listing the valid ones, so a sweep cannot silently set nothing.
+    """
+    if not isinstance(given, Mapping):
+        raise ValueError(f"model option {group!r} must be a mapping of {group} options, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        valid = ", ".join(f"{key} (default {_plain(value)!r})" for key, value in defaults.items())
+        raise ValueError(f"unknown {group} option(s) {', '.join(unknown)}; valid {group} options: {valid}")
+    return {**defaults, **given}
 
 
 def model_defaults(name: str) -> dict[str, Any]:

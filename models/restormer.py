@@ -15,24 +15,30 @@ from torch import nn
 from models.attention import build_attention
 from models.layers import ChannelLayerNorm, GatedDconvFeedForward
 from models.registry import register_model
-from models.unet import UNetSkeleton, expand_per_level
+from models.unet import ForwardContext, UNetSkeleton, call_with_context, expand_per_level
 
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
+
+
+def layer_norm(dim: int, layernorm_type: str) -> ChannelLayerNorm:
+    """Restormer's channel LayerNorm: "WithBias", or "BiasFree" (no mean subtraction, for denoising)."""
+    if layernorm_type not in LAYERNORM_TYPES:
+        raise ValueError(f"layernorm_type must be one of {', '.join(LAYERNORM_TYPES)}, got {layernorm_type!r}")
+    return ChannelLayerNorm(dim, bias=layernorm_type == "WithBias")
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, attention: nn.Module, ffn_expansion_factor: float, bias: bool, layernorm_type: str) -> None:
         super().__init__()
-        if layernorm_type not in LAYERNORM_TYPES:
-            raise ValueError(f"layernorm_type must be one of {', '.join(LAYERNORM_TYPES)}, got {layernorm_type!r}")
-        with_bias = layernorm_type == "WithBias"
-        self.norm1 = ChannelLayerNorm(dim, bias=with_bias)
+        self.norm1 = layer_norm(dim, layernorm_type)
         self.attn = attention
-        self.norm2 = ChannelLayerNorm(dim, bias=with_bias)
+        self.norm2 = layer_norm(dim, layernorm_type)
         self.ffn = GatedDconvFeedForward(dim, ffn_expansion_factor, bias)
+        # An attention that shares state across blocks (HINT's cache) gets the forward context.
+        self.uses_forward_context = getattr(attention, "uses_forward_context", False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: ForwardContext | None = None) -> torch.Tensor:
+        x = x + call_with_context(self.attn, self.norm1(x), context)
         return x + self.ffn(self.norm2(x))
 
 

@@ -4,10 +4,16 @@ Four levels (widths dim, 2dim, 4dim, 8dim at H, H/2, H/4, H/8), a decoder that m
 and 2, a full-resolution decoder level 1 and refinement at 2*dim, and a global residual. What a
 block is (which attention, which feed-forward) is the model's choice: the skeleton calls
 `make_block(stage, width, heads)` for every block of every stage.
+
+Each forward pass creates a fresh *forward context*, a dict that the blocks of that pass share
+(HINT carries its inter-layer attention cache in it). It is passed to every module that sets
+`uses_forward_context = True`, as the second argument of its forward; nothing in it outlives the
+call, so the same input always gives the same output.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +37,21 @@ _MODULE_STAGE = {
 }  # fmt: skip
 
 BlockFactory = Callable[[str, int, int], nn.Module]
+ForwardContext = dict[str, Any]
+
+
+def call_with_context(module: nn.Module, x: torch.Tensor, context: ForwardContext | None) -> torch.Tensor:
+    """module(x), or module(x, context) if the module asks for the forward context."""
+    return module(x, context) if getattr(module, "uses_forward_context", False) else module(x)
+
+
+class Stage(nn.Sequential):
+    """The blocks of one stage, run in order with the forward context."""
+
+    def forward(self, x: torch.Tensor, context: ForwardContext | None = None) -> torch.Tensor:
+        for block in self:
+            x = call_with_context(block, x, context)
+        return x
 
 
 def expand_per_level(value: str | Sequence[str], option: str) -> dict[str, str]:
@@ -66,8 +87,8 @@ class UNetSkeleton(nn.Module):
         if dual_pixel_task and inp_channels != 6:
             raise ValueError(f"dual_pixel_task takes the 6-channel dual-pixel input; set inp_channels: 6 (got {inp_channels})")
 
-        def stage(name: str, width: int, num_heads: int, count: int) -> nn.Sequential:
-            return nn.Sequential(*(make_block(name, width, num_heads) for _ in range(count)))
+        def stage(name: str, width: int, num_heads: int, count: int) -> Stage:
+            return Stage(*(make_block(name, width, num_heads) for _ in range(count)))
 
         self.dual_pixel_task = dual_pixel_task
         self.patch_embed = nn.Conv2d(inp_channels, dim, 3, padding=1, bias=False)
@@ -94,14 +115,15 @@ class UNetSkeleton(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         padded, (height, width) = pad_to_multiple(image, self.size_multiple)
+        context: ForwardContext = {}
         embedded = self.patch_embed(padded)
-        enc1 = self.encoder_level1(embedded)
-        enc2 = self.encoder_level2(self.down1_2(enc1))
-        enc3 = self.encoder_level3(self.down2_3(enc2))
-        latent = self.latent(self.down3_4(enc3))
-        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
-        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
-        dec1 = self.refinement(self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1)))
+        enc1 = self.encoder_level1(embedded, context)
+        enc2 = self.encoder_level2(self.down1_2(enc1), context)
+        enc3 = self.encoder_level3(self.down2_3(enc2), context)
+        latent = self.latent(self.down3_4(enc3), context)
+        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)), context)
+        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)), context)
+        dec1 = self.refinement(self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1), context), context)
         if self.dual_pixel_task:
             out = self.output(dec1 + self.skip_conv(embedded))
         else:

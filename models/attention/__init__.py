@@ -1,4 +1,8 @@
-"""Channel attentions, each a drop-in `nn.Module(dim, num_heads, bias, **options)`: (B, C, H, W) -> same.
+"""Attentions, each a drop-in `nn.Module(dim, num_heads, bias, **options)`: (B, C, H, W) -> same.
+
+All are channel attentions except RELA, a linear attention over pixels. HINT's HMHA
+(models/attention/hmha.py) is not one of them: its head count is set by its subspace ratios and it
+shares a cache across blocks, so HINT builds it directly.
 
 A module's options are its keyword arguments after `bias`, with their defaults; a model config sets
 them under the attention's name, e.g. `{"attention": "glmha", "glmha": {"kv_reduction": 0.75}}`.
@@ -15,6 +19,7 @@ from models.attention.glmha import GuidedLowRankAttention
 from models.attention.linformer import LinformerAttention
 from models.attention.performer import PerformerAttention
 from models.attention.reformer import ReformerAttention
+from models.attention.rela import RankEnhancedLinearAttention
 from models.attention.smsa import SpectralSelfAttention
 
 ATTENTIONS: dict[str, type[nn.Module]] = {
@@ -23,6 +28,7 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
     "linformer": LinformerAttention,
     "performer": PerformerAttention,
     "reformer": ReformerAttention,
+    "rela": RankEnhancedLinearAttention,
     "smsa": SpectralSelfAttention,
 }
 

@@ -1,0 +1,31 @@
+"""`restorch train spec.yaml`: one training job (Ray Train + DeepSpeed) from an experiment spec."""
+from __future__ import annotations
+
+import argparse
+
+from orchestrator.jobs import run_job
+from orchestrator.spec import SpecError, load_spec
+
+
+def _train(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if spec.search_space:
+        keys = ", ".join(d.key for d in spec.search_space)
+        raise SpecError(f"{args.spec} has search-space entries ({keys}): run it with `restorch sweep`, or fix the values")
+    result = run_job(spec, address=args.address)
+    if result.error:
+        print(f"restorch train: the job failed: {result.error}")
+        return 1
+    metrics = result.metrics or {}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    print(f"final metrics: {shown}")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint.path} (consolidated weights: model.pt inside)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="run one training job from a spec")
+    train.add_argument("spec", help="experiment spec (YAML)")
+    train.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    train.set_defaults(handler=_train)

@@ -1,0 +1,365 @@
+"""The experiment spec: one YAML schema for `restorch train`, `restorch sweep` (and ablations).
+
+    name: derain-glmha
+    model: {name: restormer, dim: 16, attention: glmha, glmha: {alpha: {grid: [0.4, 0.6]}}}
+    task: deraining                     # or {name: gaussian_denoising, sigma: 25}
+    data: {train: data/rain-mini/train, val: data/rain-mini/val, patch_size: 64, batch_size: 4}
+    train: {iterations: 200, lr: 3.0e-4, val_every: 50}
+    deepspeed: {zero_stage: 1}
+    resources: {num_workers: 1, cpus_per_worker: 1}
+    search: {algorithm: grid, scheduler: asha, metric: psnr, mode: max}
+
+Any value under `model`, `train` or `data` may be a search-space entry (`{choice: [...]}`,
+`{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}`,
+`{quniform: [lo, hi, q]}`). `load_spec` separates them into `ExperimentSpec.search_space`
+(dotted keys such as `model.glmha.alpha`) and validates everything, every candidate value included,
+before anything runs. Specs are data only: read with yaml.safe_load.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEARCHABLE_SECTIONS = ("model", "train", "data")
+DOMAIN_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+DEFAULT_MAX_TRIALS = 64
+
+
+class SpecError(ValueError):
+    """An experiment spec that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Section):
+    name: str
+    sigma: float | None = Field(None, description="noise level (0..255) for gaussian_denoising")
+
+
+class DataSpec(_Section):
+    train: str = Field(description="training dataset folder (or a folder holding a train/ split)")
+    val: str = Field(description="validation dataset folder (whole images)")
+    patch_size: int | None = Field(None, ge=8, description="fixed training patch size (one stage)")
+    batch_size: int | None = Field(None, ge=1, description="per-worker batch size (one stage)")
+    patch_sizes: list[int] | None = Field(None, description="progressive schedule: patch size per stage")
+    batch_sizes: list[int] | None = Field(None, description="progressive schedule: per-worker batch per stage")
+    stage_iterations: list[int] | None = Field(None, description="progressive schedule: iterations per stage")
+    max_val_images: int | None = Field(None, ge=1, description="validate on the first N images only")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> DataSpec:
+        fixed = self.patch_size is not None or self.batch_size is not None
+        progressive = any(v is not None for v in (self.patch_sizes, self.batch_sizes, self.stage_iterations))
+        if fixed and progressive:
+            raise ValueError("give either patch_size + batch_size or patch_sizes + batch_sizes + stage_iterations, not both")
+        if progressive and not all(v for v in (self.patch_sizes, self.batch_sizes, self.stage_iterations)):
+            raise ValueError("a progressive schedule needs patch_sizes, batch_sizes and stage_iterations")
+        if progressive and len({len(self.patch_sizes), len(self.batch_sizes), len(self.stage_iterations)}) != 1:
+            raise ValueError("patch_sizes, batch_sizes and stage_iterations must have the same length")
+        return self
+
+    def schedule_config(self) -> dict[str, Any]:
+        """The config of `workloads.data.PatchSchedule`."""
+        if self.patch_sizes:
+            return {"patch_sizes": self.patch_sizes, "batch_sizes": self.batch_sizes, "iterations": self.stage_iterations}
+        return {"patch_size": self.patch_size or 64, "batch_size": self.batch_size or 4}
+
+
+class TrainSpec(_Section):
+    iterations: int = Field(200, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iterations: int = Field(0, ge=0)
+    constant_iterations: int | None = Field(
+        None, ge=0, description="iterations at constant lr before the cosine decay; default 92/300 of the run (Restormer)"
+    )
+    min_lr: float = Field(1e-6, ge=0)
+    grad_clip: float = Field(0.01, gt=0, description="gradient norm clip (Restormer: 0.01)")
+    val_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 100
+    max_failures: int = Field(1, ge=0, description="worker crashes to recover from (restart from the last checkpoint)")
+
+
+class DeepSpeedSpec(_Section):
+    zero_stage: Literal[0, 1, 2] = 1
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
+
+
+class ResourcesSpec(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial (data-parallel ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class StorageSpec(_Section):
+    path: str = Field("restorch_runs", description="local folder or s3://bucket/prefix for checkpoints and results")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto)")
+
+
+class TrackingSpec(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name; default the spec's name")
+
+
+class SearchSpec(_Section):
+    algorithm: Literal["random", "grid", "optuna", "optuna_multi"] = "random"
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
+    metric: str = "psnr"
+    mode: Literal["max", "min"] = "max"
+    objectives: dict[str, Literal["max", "min"]] | None = Field(
+        None, description="optuna_multi: metric -> mode, e.g. {psnr: max, gmacs: min}"
+    )
+    num_samples: int = Field(1, ge=1, description="samples of the space (grid: repeats of the full grid)")
+    max_concurrent_trials: int = Field(1, ge=1)
+    max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse larger sweeps unless --yes")
+    grace_period: int = Field(1, ge=1, description="asha: validations before a trial may be stopped")
+    reduction_factor: float = Field(2, gt=1)
+    perturbation_interval: int = Field(1, ge=1, description="pbt: validations between perturbations")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (best by the metric)")
+    time_budget_s: float | None = Field(None, gt=0, description="per-trial wall-time budget")
+
+
+class Domain(BaseModel):
+    """One search-space entry: a dotted key and its distribution."""
+
+    key: str
+    kind: Literal["choice", "grid", "uniform", "loguniform", "randint", "quniform"]
+    values: list[Any]
+
+    def candidates(self) -> list[Any]:
+        """Values to validate the spec with: every listed value, or the range's ends."""
+        if self.kind in ("choice", "grid"):
+            return list(self.values)
+        if self.kind == "randint":
+            return [int(self.values[0]), int(self.values[1]) - 1]
+        return [self.values[0], self.values[1]]
+
+
+class ExperimentSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run/sweep name (letters, digits, _ . -)")
+    model: dict[str, Any]
+    task: TaskSpec
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    search: SearchSpec = SearchSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: StorageSpec = StorageSpec()
+    search_space: list[Domain] = Field(default_factory=list, description="filled by load_spec from the sections")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def trial_count(self) -> int:
+        """Trials a sweep launches: the product of the grid sizes, times num_samples."""
+        grid = math.prod(len(d.values) for d in self.search_space if d.kind == "grid")
+        return grid * self.search.num_samples
+
+    def config(self) -> dict[str, Any]:
+        """The spec as plain data (what travels to the workers)."""
+        return self.model_dump(mode="json", exclude={"search_space"})
+
+
+# ------------------------------------------------------------------------------------------------
+# search-space entries
+
+
+def _is_domain(value: Any) -> bool:
+    return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in DOMAIN_KINDS
+
+
+def _check_domain(key: str, kind: str, values: Any) -> Domain:
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{key}: {{{kind}: ...}} needs a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint", "quniform"):
+        size = 3 if kind == "quniform" else 2
+        if len(values) != size or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            shape = "[lo, hi, q]" if kind == "quniform" else "[lo, hi]"
+            raise SpecError(f"{key}: {kind} takes {shape} numbers, got {values!r}")
+        lo, hi = values[0], values[1]
+        if lo > hi or (kind == "randint" and lo == hi):
+            raise SpecError(f"{key}: {kind} range has lo {lo} > hi {hi}; write [lo, hi] with lo < hi")
+        if kind == "loguniform" and lo <= 0:
+            raise SpecError(f"{key}: loguniform needs lo > 0 (got {lo}); use uniform for ranges that include 0")
+        if kind == "quniform" and values[2] <= 0:
+            raise SpecError(f"{key}: quniform step q must be > 0, got {values[2]}")
+    return Domain(key=key, kind=kind, values=values)
+
+
+def extract_search_space(section: str, tree: Any, prefix: str = "") -> tuple[Any, list[Domain]]:
+    """Replace every search-space entry under `tree` by its first candidate; return them as Domains."""
+    if _is_domain(tree):
+        kind, values = next(iter(tree.items()))
+        domain = _check_domain(prefix, kind, values)
+        return domain.candidates()[0], [domain]
+    if isinstance(tree, Mapping):
+        plain: dict[str, Any] = {}
+        domains: list[Domain] = []
+        for key, value in tree.items():
+            plain[key], found = extract_search_space(section, value, f"{prefix}.{key}" if prefix else f"{section}.{key}")
+            domains += found
+        return plain, domains
+    return tree, []
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """config['model']['glmha']['alpha'] = value for key 'model.glmha.alpha'."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def resolve_trial(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config of one trial: the base config with the sampled values set at their dotted keys."""
+    config = copy.deepcopy(base)
+    for key, value in values.items():
+        set_dotted(config, key, value)
+    return config
+
+
+def candidate_assignments(space: list[Domain]) -> Iterator[dict[str, Any]]:
+    """Each candidate value of each domain alone (enough to validate every value against the schema)."""
+    for domain in space:
+        for value in domain.candidates():
+            yield {domain.key: value}
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(spec)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key; remove it or check its spelling (`restorch spec schema` lists valid keys)")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            lines.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _validate_sections(raw: dict[str, Any]) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(f"invalid spec: {_format_validation_error(error)}") from None
+
+
+def _check_model(config: dict[str, Any], where: str) -> None:
+    import torch
+
+    from models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(config)
+    except (ValueError, TypeError) as error:
+        raise SpecError(f"{where}: {error}") from None
+
+
+def _check_task(spec: ExperimentSpec) -> None:
+    from workloads.tasks import get_task
+
+    try:
+        get_task(spec.task.name, sigma=spec.task.sigma)
+    except ValueError as error:
+        raise SpecError(f"task: {error}") from None
+
+
+def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
+    """Validate spec data (already parsed YAML): schema, search space, model options, task."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"{source}: a spec is a YAML mapping with name, model, task, data, ...; got {type(raw).__name__}")
+    raw = dict(raw)
+    space: list[Domain] = []
+    for section in SEARCHABLE_SECTIONS:
+        if section in raw:
+            raw[section], found = extract_search_space(section, raw[section])
+            space += found
+    for section in ("deepspeed", "resources", "search", "tracking", "storage", "task", "name"):
+        _, found = extract_search_space(section, raw.get(section))
+        if found:
+            raise SpecError(f"{found[0].key}: search spaces are allowed under model, train and data only")
+    if "search_space" in raw:
+        raise SpecError("search_space: unknown key; write search-space entries in place, e.g. model.glmha.alpha: {grid: [0.4, 0.6]}")
+    spec = _validate_sections(raw)
+    spec.search_space = space
+    base = spec.config()
+    _check_task(spec)
+    _check_model(base["model"], "model")
+    for assignment in candidate_assignments(space):
+        (key, value), = assignment.items()
+        trial = resolve_trial(base, assignment)
+        trial.pop("search_space", None)
+        if key.startswith("model."):
+            _check_model(trial["model"], key)
+        else:
+            try:
+                _validate_sections(trial)
+            except SpecError as error:
+                raise SpecError(f"{key}: candidate value {value!r} is invalid: {error}") from None
+    if spec.search.algorithm == "optuna_multi" and not spec.search.objectives:
+        raise SpecError("search.objectives: optuna_multi needs objectives, e.g. {psnr: max, gmacs: min}")
+    if spec.search.algorithm == "grid" and any(d.kind != "grid" for d in space):
+        kinds = sorted({d.kind for d in space if d.kind != "grid"})
+        raise SpecError(f"search.algorithm: grid takes only {{grid: [...]}} entries, found {', '.join(kinds)}; use random or optuna")
+    if spec.search.scheduler == "pbt" and spec.search.algorithm != "random":
+        raise SpecError("search.scheduler: pbt explores by itself; use it with algorithm: random")
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    return parse_spec(raw, source=str(path))
+
+
+def check_trial_limit(spec: ExperimentSpec, *, yes: bool) -> None:
+    count = spec.trial_count()
+    if count > spec.search.max_trials and not yes:
+        raise SpecError(
+            f"this sweep launches {count} trials, more than search.max_trials = {spec.search.max_trials}; "
+            "raise search.max_trials or pass --yes"
+        )
+
+
+def json_schema() -> dict[str, Any]:
+    schema = ExperimentSpec.model_json_schema()
+    schema["properties"].pop("search_space", None)
+    schema["description"] = (
+        "restorch experiment spec. Any value under model, train or data may be a search-space entry: "
+        + ", ".join(f"{{{kind}: [...]}}" for kind in DOMAIN_KINDS)
+    )
+    return schema
+
+
+def grid_assignments(space: list[Domain]) -> list[dict[str, Any]]:
+    """Every combination of the grid entries (the trials of a grid sweep with num_samples 1)."""
+    grid = [d for d in space if d.kind == "grid"]
+    return [dict(zip((d.key for d in grid), combo)) for combo in itertools.product(*(d.values for d in grid))]

@@ -1,0 +1,164 @@
+"""HINT: exact parameter count, HMHA/QKCU switches, the per-forward cache, batch independence."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from models import build_model
+from models.attention.csa import ChannelSelfAttention
+from models.attention.hmha import (
+    CACHE_KEY,
+    HeadModulation,
+    HierarchicalMultiHeadAttention,
+    InterLayerModulation,
+    IntraLayerModulation,
+)
+
+SMALL = {"name": "hint", "dim": 8, "num_blocks": [1, 1, 1, 2], "num_refinement_blocks": 1}
+QKCU_TYPES = (IntraLayerModulation, InterLayerModulation, HeadModulation)
+
+
+def attentions(model: torch.nn.Module) -> list[HierarchicalMultiHeadAttention]:
+    return [m for m in model.modules() if isinstance(m, HierarchicalMultiHeadAttention)]
+
+
+def test_default_param_count_and_layout():
+    model = build_model({"name": "hint"})
+    assert sum(p.numel() for p in model.parameters()) == 24_873_812
+    layers = attentions(model)
+    assert len(layers) == 26
+    assert {a.head_widths[0] * 8 for a in layers} == {96, 192, 384}
+    assert all(a.head_widths == [a.head_widths[0] * r for r in (1, 2, 2, 3)] for a in layers)
+    assert not any(isinstance(m, HierarchicalMultiHeadAttention) for m in model.encoder_level1.modules())
+
+
+def test_no_qkcu_parameters_when_off():
+    model = build_model({**SMALL, "hmha": {"subspace_ratios": [1, 1, 1, 1]}, "qkcu": {"intra": False, "inter": False}})
+    assert not any(isinstance(m, QKCU_TYPES + (torch.nn.Conv1d,)) for m in model.modules())
+    for attention in attentions(model):
+        width = attention.project_out.in_channels
+        assert sum(p.numel() for p in attention.parameters()) == sum(
+            p.numel() for p in ChannelSelfAttention(width, 4, False).parameters()
+        )
+
+
+def test_uniform_without_rerank_is_plain_channel_attention():
+    torch.manual_seed(0)
+    hmha = HierarchicalMultiHeadAttention(16, 4, False, subspace_ratios=[1, 1, 1, 1], rerank=False, intra=False, inter=False)
+    with torch.no_grad():
+        hmha.temperature.uniform_(0.5, 2.0)
+    csa = ChannelSelfAttention(16, 4, False)
+    csa.load_state_dict(hmha.state_dict())
+    x = torch.randn(2, 16, 9, 11)
+    torch.testing.assert_close(hmha(x), csa(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("group", "options", "check"),
+    [
+        ("hmha", {"subspace_ratios": [1, 1, 3, 3]}, lambda a: a.head_widths == [a.head_widths[0] * r for r in (1, 1, 3, 3)]),
+        ("hmha", {"rerank": False, "rank_scope": "sample"}, lambda a: not a.rerank and a.per_sample),
+        ("qkcu", {"intra": False}, lambda a: a.intra is None and a.inter is not None),
+        ("qkcu", {"inter": False}, lambda a: a.inter is None and a.intra is not None),
+    ],
+)
+def test_options_reachable_from_yaml(tmp_path, group, options, check):
+    config = {**SMALL, group: options}
+    path = tmp_path / "hint.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(1)
+    from_yaml = build_model(path)
+    torch.manual_seed(1)
+    from_dict = build_model(config)
+    assert all(check(a) for a in attentions(from_yaml))
+    yaml_state, dict_state = from_yaml.state_dict(), from_dict.state_dict()
+    assert yaml_state.keys() == dict_state.keys()
+    assert all(torch.equal(yaml_state[k], dict_state[k]) for k in yaml_state)
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(from_yaml(x), from_dict(x))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**SMALL, "hmha": {"subspace_ratios": [1, 1, 3]}}, r"latent blocks: .*split width 64 into 12.8, 12.8, 38.4 channels.*multiple of 5"),
+        ({**SMALL, "hmha": {"subspace_ratios": [0, 2]}}, "positive integers"),
+        ({**SMALL, "hmha": {"ratios": [1, 1]}}, r"unknown hmha option\(s\) ratios; valid hmha options: subspace_ratios"),
+        ({**SMALL, "qkcu": {"cross": True}}, "valid qkcu options: intra .*, inter"),
+        ({**SMALL, "hmha": {"rank_scope": "global"}}, "rank_scope must be one of batch, sample"),
+        ({**SMALL, "qkcu": True}, "'qkcu' must be a mapping"),
+    ],
+)
+def test_bad_options_fail_clearly(config, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
+
+
+def test_sample_scope_is_batch_independent_and_batch_scope_is_not():
+    x = torch.rand(3, 3, 16, 16)
+    for scope, independent in (("sample", True), ("batch", False)):
+        torch.manual_seed(2)
+        model = build_model({**SMALL, "hmha": {"rank_scope": scope}}).eval()
+        with torch.no_grad():
+            together, alone = model(x)[1:2], model(x[1:2])
+        assert torch.allclose(together, alone, atol=1e-5) == independent, scope
+
+
+def test_cache_is_fresh_per_forward_carried_and_resized():
+    torch.manual_seed(3)
+    model = build_model(SMALL).eval()
+    seen = []
+
+    def record(module, args):
+        cache = args[1].get(CACHE_KEY)
+        seen.append(None if cache is None else tuple(cache.shape))
+
+    for attention in attentions(model):
+        attention.inter.register_forward_pre_hook(record)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        first = model(x)
+        model(torch.rand(2, 3, 16, 16))
+        again = model(x)
+    # Per call: latent (64) x2, decoder3 (32), decoder2 (16), decoder1 (16), refinement (16).
+    per_call = [None, (1, 64, 64), (1, 64, 64), (1, 32, 32), (1, 16, 16), (1, 16, 16)]
+    assert seen == per_call * 3
+    assert torch.equal(first, again)
+
+
+def test_cache_update_uses_true_division():
+    inter = InterLayerModulation([2, 4, 4, 6], per_sample=False)
+    maps = [torch.full((3, c, c), 1.0 / c) for c in inter.head_widths]
+    # Every head's map averages 1/c_i; weighted by c_i / C the update is heads / C everywhere.
+    torch.testing.assert_close(inter.cache_update(maps), torch.full((1, 16, 16), 4 / 16))
+    context = {}
+    inter(maps, context)
+    assert context[CACHE_KEY].shape == (1, 16, 16) and context[CACHE_KEY].abs().sum() > 0
+
+
+def test_state_dict_is_the_whole_state():
+    x = torch.rand(1, 3, 16, 16)
+    torch.manual_seed(4)
+    source = build_model(SMALL).eval()
+    torch.manual_seed(5)
+    target = build_model(SMALL).eval()
+    with torch.no_grad():
+        expected = source(x)
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target(x), expected)
+
+
+def test_odd_sizes_gradients_determinism_batches():
+    torch.manual_seed(6)
+    model = build_model(SMALL)
+    x = torch.rand(3, 3, 17, 13)
+    model(x[:2]).square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    model.eval()
+    with torch.no_grad():
+        for batch in (1, 3):
+            out = model(x[:batch])
+            assert out.shape == (batch, 3, 17, 13)
+            assert torch.equal(out, model(x[:batch]))

@@ -1,0 +1,263 @@
+"""The training recipe each Ray Train worker runs: one plain loop, read it top to bottom.
+
+`config` is the job config made by orchestrator/jobs.py from an experiment spec (plain data):
+model (registry config), task, data (folders + patch schedule), train (iterations, optimiser,
+schedule, intervals, seed), deepspeed (ZeRO stage, precision), run (where checkpoints are stored).
+
+Per worker: build the model, wrap it with DeepSpeed (AdamW, Restormer's lr schedule, gradient
+clipping, ZeRO), resume from the last checkpoint if Ray Train hands one over, then iterate: a batch
+of random crops (sized by the progressive schedule), L1 (or MRAE) loss, backward, step. Every
+`val_every` iterations: whole-image validation by the task's protocol. Every `checkpoint_every`
+iterations and at the end: a DeepSpeed checkpoint (model, optimiser, scheduler, iteration, RNG),
+reported to Ray Train; the final one also holds `model.pt`, the consolidated fp32 state dict.
+"""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from models import build_model
+from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule
+from workloads.schedule import lr_factor
+from workloads.session import LocalSession, RayTrainSession
+from workloads.tasks import Task, get_task
+
+CHECKPOINT_TAG = "state"
+CONSOLIDATED_MODEL = "model.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of a Ray Train worker."""
+    return run_training(config, RayTrainSession())
+
+
+def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession) -> dict[str, Any]:
+    import deepspeed  # imported in the worker: importing it in the Ray driver breaks Ray
+
+    train, data = config["train"], config["data"]
+    task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
+    rank, world_size = session.rank, session.world_size
+
+    # Same initial weights on every rank; different (disjoint) data per rank comes from the sampler.
+    seed_everything(train["seed"])
+    model = build_model(config["model"])
+    train_set = PairedDataset(Path(data["train"]), task, patch_size=PatchSchedule.from_config(data["schedule"]).max_patch_size,
+                              seed=train["seed"])
+    val_set = PairedDataset(Path(data["val"]), task, seed=train["seed"])
+    schedule = PatchSchedule.from_config(data["schedule"])
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=train["lr"], betas=tuple(train["betas"]),
+                                    weight_decay=train["weight_decay"]),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+            i, total=train["iterations"], base_lr=train["lr"], min_lr=train["min_lr"],
+            warmup=train["warmup_iterations"], constant=train["constant_iterations"])),
+        config=deepspeed_config(config, schedule.at(0)[1]),
+        dist_init_required=False,
+    )
+    dtype = next(engine.module.parameters()).dtype
+
+    start = 0
+    resume = session.resume_directory()
+    if resume is not None:
+        with resume as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            start = client_state["iteration"]
+            restore_rng(Path(directory) / f"rng_rank{rank}.pt")
+
+    sampler = PatchBatchSampler(len(train_set), schedule, total_iterations=train["iterations"], seed=train["seed"],
+                                start_iteration=start, rank=rank, world_size=world_size)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0)
+    fault = config.get("fault")
+
+    window_images, window_iterations, window_start, result = 0, 0, time.perf_counter(), {}
+    for iteration, batch in enumerate(loader, start=start):
+        step = iteration + 1
+        if fault and fault["rank"] == rank and step == fault["at_iteration"] and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).touch()  # fail once: the restarted worker must get past this point
+            raise RuntimeError(f"injected fault in worker {rank} at iteration {step}")
+
+        lr = engine.get_lr()[0]
+        inputs, targets = (batch[key].to(engine.device, dtype) for key in ("input", "target"))
+        loss = task_loss(task, engine(inputs).float(), targets.float())
+        engine.backward(loss)
+        engine.step()
+        window_images += inputs.shape[0]
+        window_iterations += 1
+
+        if step % train["log_every"] and step % train["val_every"] and step % train["checkpoint_every"] and step != train["iterations"]:
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {
+            "iteration": step,
+            "loss": mean_over_ranks(loss.detach().float(), world_size),
+            "lr": lr,
+            "patch_size": schedule.at(iteration)[0],
+            "images_per_s_worker": window_images / elapsed,
+            "images_per_s": window_images * world_size / elapsed,
+            "peak_memory_mb": peak_memory_mb(engine.device),
+        }
+        if step % train["val_every"] == 0 or step == train["iterations"]:
+            metrics.update(validate(engine.module, val_set, task, rank, world_size, data.get("max_val_images")))
+            result.update(metrics)
+        if rank == 0:
+            print(progress_line(metrics, train["iterations"], elapsed / window_iterations), flush=True)
+        if step % train["checkpoint_every"] == 0 or step == train["iterations"]:
+            report_checkpoint(engine, session, metrics, config, final=step == train["iterations"])
+        else:
+            session.report(metrics)
+        window_images, window_iterations, window_start = 0, 0, time.perf_counter()
+    return result
+
+
+def deepspeed_config(config: dict[str, Any], micro_batch: int) -> dict[str, Any]:
+    """DeepSpeed's config from the job: ZeRO stage, precision, clipping (optimizer/scheduler passed in)."""
+    precision = config["deepspeed"]["precision"]
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config["train"]["grad_clip"],
+        "zero_optimization": {"stage": config["deepspeed"]["zero_stage"]},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: DeepSpeed's fused CPU Adam takes minutes to build
+        "steps_per_print": 10**9,
+    }
+
+
+def task_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task.loss == "mrae":
+        return ((output - target).abs() / (target.abs() + 1e-6)).mean()
+    return (output - target).abs().mean()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, dataset: PairedDataset, task: Task, rank: int, world_size: int,
+             max_images: int | None) -> dict[str, float]:
+    """Whole-image metrics by the task's protocol, averaged over the validation set (split by rank)."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    names = task.protocol.metrics
+    count = min(len(dataset), max_images or len(dataset))
+    sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)
+    for index in range(rank, count, world_size):
+        item = dataset[index]
+        inputs, target = item["input"][None], item["target"][None]
+        output = model(inputs.to(next(model.parameters()).device, dtype)).float().cpu()
+        restored, degraded = task.protocol.measure_batch(output, target), task.protocol.measure_batch(inputs, target)
+        sums += torch.tensor([*(float(restored[n][0]) for n in names), *(float(degraded[n][0]) for n in names), 1.0],
+                             dtype=torch.float64)
+    model.train()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    means = (sums[:-1] / sums[-1]).tolist()
+    metrics = dict(zip(names, means[: len(names)]))
+    metrics.update({f"input_{n}": v for n, v in zip(names, means[len(names):])})
+    return metrics
+
+
+def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metrics: dict[str, Any],
+                      config: dict[str, Any], final: bool) -> None:
+    """Every rank writes its part of a DeepSpeed checkpoint and reports it; Ray merges the parts."""
+    with tempfile.TemporaryDirectory(prefix="restorch-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"iteration": metrics["iteration"]})
+        torch.save(rng_state(), Path(directory) / f"rng_rank{session.rank}.pt")
+        if final and session.rank == 0:
+            torch.save({"model_config": config["model"], "state_dict": consolidated_state_dict(engine)},
+                       Path(directory) / CONSOLIDATED_MODEL)
+        name = f"checkpoint_{metrics['iteration']:07d}"
+        run = config.get("run", {})
+        location = f"{run['storage_path']}/{run['name']}/{name}" if run else name
+        session.report({**metrics, "checkpoint_path": location}, checkpoint_dir=Path(directory), checkpoint_name=name)
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on the CPU. ZeRO 0-2 keep full parameters on every rank; in bf16 the
+    fp32 master copy lives in the optimizer, so gather it from there."""
+    if next(engine.module.parameters()).dtype == torch.float32:
+        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag="fp32")
+        return get_fp32_state_dict_from_zero_checkpoint(directory, tag="fp32")
+
+
+def load_consolidated(path: str | Path) -> torch.nn.Module:
+    """Rebuild the trained model from `model.pt` without DeepSpeed."""
+    saved = torch.load(Path(path), map_location="cpu", weights_only=False)
+    model = build_model(saved["model_config"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        value = value.detach().clone().cpu()
+        dist.all_reduce(value)
+        value /= world_size
+    return float(value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(path: Path) -> None:
+    if not path.exists():  # a checkpoint written by a different number of workers
+        return
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_line(metrics: dict[str, Any], total: int, seconds_per_iteration: float) -> str:
+    eta = (total - metrics["iteration"]) * seconds_per_iteration
+    line = (f"[restorch] iter {metrics['iteration']}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['images_per_s']:.1f} img/s")
+    if "psnr" in metrics:
+        line += f" psnr {metrics['psnr']:.2f} (input {metrics['input_psnr']:.2f})"
+    return f"{line} eta {eta:.0f}s"
+
+
+def init_local_process_group() -> None:
+    """A one-process gloo group, for running the loop outside Ray (tests, benchmarks)."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    dist.init_process_group("gloo", rank=0, world_size=1)
