@@ -102,6 +102,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
         elapsed = time.perf_counter() - window_start
         metrics = {
             "iteration": step,
+            "resumed_from": start,
             "loss": mean_over_ranks(loss.detach().float(), world_size),
             "lr": lr,
             "patch_size": schedule.at(iteration)[0],

@@ -1,0 +1,73 @@
+"""`restorch evaluate --pred DIR --target DIR --task T`: metrics of saved results under the task's protocol."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from workloads.files import DATA_SUFFIXES, read_array
+from workloads.tasks import TASKS, Task, get_task
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise ValueError(f"{path} and {files[path.stem]} share a name: keep one of them")
+        files[path.stem] = path
+    if not files:
+        raise ValueError(f"{folder} holds no images or cubes ({', '.join(DATA_SUFFIXES)})")
+    return files
+
+
+def evaluate_folders(pred_dir: Path, target_dir: Path, task: Task) -> dict:
+    """The task protocol's result record for files of the same name (any suffix) in both folders."""
+    preds, targets = _files_by_stem(pred_dir), _files_by_stem(target_dir)
+    unmatched = sorted(set(preds) ^ set(targets))
+    if unmatched:
+        listed = ", ".join(str(preds.get(stem) or targets[stem]) for stem in unmatched[:10])
+        raise ValueError(
+            f"{len(unmatched)} file(s) have no counterpart (names must match): {listed}; "
+            "evaluate complete sets only, or remove the extra files"
+        )
+    per_image = {}
+    for stem, target_path in targets.items():
+        pred, target = read_array(preds[stem]), read_array(target_path)
+        if pred.shape != target.shape:
+            raise ValueError(f"{preds[stem]} is {pred.shape} but {target_path} is {target.shape}: results must keep the target's size")
+        per_image[stem] = task.protocol.measure(pred, target)
+    return {"task": task.name, **task.protocol.report(per_image)}
+
+
+def format_result(result: dict) -> str:
+    metrics = result["protocol"]["metrics"]
+    width = max(len("image"), *(len(name) for name in result["images"]))
+    lines = [f"{'image':<{width}} " + " ".join(f"{m:>9}" for m in metrics)]
+    for name, values in result["images"].items():
+        lines.append(f"{name:<{width}} " + " ".join(f"{values[m]:>9.4f}" for m in metrics))
+    lines.append(f"{'mean':<{width}} " + " ".join(f"{result['mean'][m]:>9.4f}" for m in metrics))
+    lines.append(f"{result['count']} images, task {result['task']}; protocol: {result['protocol']['description']}")
+    return "\n".join(lines)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_folders(args.pred, args.target, get_task(args.task, sigma=args.sigma))
+    print(format_result(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"result written to {args.json}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser("evaluate", help="PSNR/SSIM (or spectral metrics) of results against targets")
+    evaluate.add_argument("--pred", required=True, type=Path, help="folder of restored images (or cubes)")
+    evaluate.add_argument("--target", required=True, type=Path, help="folder of ground truth, same file names")
+    evaluate.add_argument("--task", required=True, choices=list(TASKS), help="fixes the protocol (e.g. Y channel for deraining)")
+    evaluate.add_argument("--sigma", type=float, help="gaussian_denoising noise level the results were made at (recorded)")
+    evaluate.add_argument("--json", type=Path, help="also write the result record (with its protocol) to this file")
+    evaluate.set_defaults(handler=_evaluate)

@@ -1,0 +1,20 @@
+"""Fixtures shared by the training, sweep and registry tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workloads.synth import write_dataset
+from workloads.tasks import get_task
+
+TINY_RESTORMER = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
+                  "heads": [1, 1, 1, 1]}
+
+
+@pytest.fixture(scope="session")
+def derain_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic deraining set (Restormer layout, train/ and val/ splits), made once per session."""
+    root = tmp_path_factory.mktemp("rain")
+    write_dataset(root, get_task("deraining"), count=20, size=48, seed=0)
+    return root

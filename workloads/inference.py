@@ -1,0 +1,112 @@
+"""Running a restoration model on whole images of any size.
+
+- Padding: U-nets need H and W divisible by their downsampling factor (8 for Restormer); inputs are
+  reflect-padded up to it and the output cropped back. With tiles, the whole image is padded once.
+- Tiling: an image too large to run at once is cut into overlapping tiles (all of `tile` pixels,
+  the last one per axis aligned to the image edge), each run alone, and blended. A tile's weight is 0
+  within `overlap // 4` pixels of an edge it shares with a neighbour, rises smoothly (raised cosine)
+  over the middle half of the overlap and is 1 elsewhere; image borders are not down-weighted.
+  Every output pixel thus comes only from tiles in which it lies at least `overlap // 4` pixels
+  inside, so for a local model whose receptive-field radius is at most `overlap // 4` the tiled
+  output equals the untiled one, while the smooth ramp hides seams for models with global context.
+  Memory then scales with the tile, plus the full-size input, output and weight sum.
+- Self-ensemble (x8): the model runs on the 8 flips/rotations of the input, and the outputs, turned
+  back, are averaged.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def restore(model: Forward, image: torch.Tensor, *, multiple: int = 8, tile: int | None = None,
+            overlap: int = 32, self_ensemble: bool = False) -> torch.Tensor:
+    """The model's output for an NCHW image batch of any height and width (same H and W out).
+
+    With `tile`, the padded image is processed in tiles of `tile` pixels (a multiple of `multiple`),
+    so every tile sees exactly the pixels, padding included, that the whole image would."""
+    if image.ndim != 4:
+        raise ValueError(f"expected an NCHW tensor, got shape {tuple(image.shape)}")
+    if tile is not None and (tile <= 0 or tile % multiple):
+        raise ValueError(f"tile must be a positive multiple of {multiple}, got {tile}")
+
+    body = model if tile is None else functools.partial(run_tiled, model, tile=tile, overlap=overlap)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return run_padded(body, x, multiple)
+
+    with torch.inference_mode():
+        return run_self_ensemble(forward, image) if self_ensemble else forward(image)
+
+
+def run_padded(forward: Forward, image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad H and W up to a multiple of `multiple`, run `forward`, crop back."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        # reflection needs the pad to be smaller than the image; tiny images repeat their edge
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
+    return forward(image)[..., :height, :width]
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def _edge_ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool, like: torch.Tensor) -> torch.Tensor:
+    """1-D tile weight: 0 for the first overlap//4 pixels from a shared edge, a raised cosine over the
+    next overlap - 2*(overlap//4), then 1."""
+    dead = overlap // 4
+    rise = overlap - 2 * dead
+    distance = torch.arange(size, dtype=like.dtype, device=like.device)
+    ramp = 0.5 - 0.5 * torch.cos(math.pi * ((distance - dead + 1) / (rise + 1)).clamp(0, 1))
+    weight = torch.ones(size, dtype=like.dtype, device=like.device)
+    if ramp_start:
+        weight = weight * ramp
+    if ramp_end:
+        weight = weight * ramp.flip(0)
+    return weight
+
+
+def run_tiled(forward: Forward, image: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """`forward` on overlapping tile x tile crops of `image`, blended (see the module docstring)."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile): got tile {tile}, overlap {overlap}")
+    height, width = image.shape[-2:]
+    rows, cols = _tile_starts(height, tile, tile - overlap), _tile_starts(width, tile, tile - overlap)
+    output = weight_sum = None
+    for top in rows:
+        for left in cols:
+            patch = forward(image[..., top : top + tile, left : left + tile])
+            size_h, size_w = patch.shape[-2:]
+            weight = torch.outer(
+                _edge_ramp(size_h, overlap, top > 0, top + size_h < height, patch),
+                _edge_ramp(size_w, overlap, left > 0, left + size_w < width, patch),
+            )
+            if output is None:
+                output = patch.new_zeros(*patch.shape[:2], height, width)
+                weight_sum = patch.new_zeros(height, width)
+            output[..., top : top + size_h, left : left + size_w] += patch * weight
+            weight_sum[top : top + size_h, left : left + size_w] += weight
+    return output.div_(weight_sum)
+
+
+def run_self_ensemble(forward: Forward, image: torch.Tensor) -> torch.Tensor:
+    """Mean of `forward` over the 8 flips/rotations of the image, each output turned back."""
+    total = None
+    for flip in (False, True):
+        flipped = image.flip(-1) if flip else image
+        for turns in range(4):
+            out = torch.rot90(forward(torch.rot90(flipped, turns, (-2, -1))), -turns, (-2, -1))
+            out = out.flip(-1) if flip else out
+            total = out if total is None else total + out
+    return total / 8

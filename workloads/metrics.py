@@ -1,0 +1,269 @@
+"""Image-quality metrics computed the way the published tables compute them.
+
+Protocol (see shared/notes/evaluation.md):
+- Images are quantised to uint8 (round, clip 0..255) before any metric, as a result saved to PNG is.
+- PSNR = 10 log10(255^2 / MSE) in float64. PSNR is capped at `PSNR_CAP` (100 dB): identical images
+  (MSE 0, PSNR inf) report 100, so means over a test set stay finite.
+- SSIM (Wang et al. 2004): Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, L 255, 'valid'
+  filtering (no padding); on colour images the mean over channels.
+- Y channel: MATLAB `rgb2ycbcr` luma (BT.601, 16..235): Y = 16 + (65.481 R + 128.553 G + 24.966 B)/255,
+  rounded to an integer, because `rgb2ycbcr` returns uint8 for the uint8 images that the deraining
+  evaluation script (MPRNet's and Restormer's evaluate_PSNR_SSIM.m) reads with `imread`. Keeping Y
+  unrounded (as BasicSR does) reads about 0.15 dB higher at 40 dB and 0.5 dB higher at 47 dB.
+- Optional border crop of `crop_border` pixels on every side, after the Y conversion.
+
+`psnr`/`ssim` are the numpy reference (one HxWxC or HxW uint8 image pair); `psnr_batch`/`ssim_batch`
+are the batched torch versions used during training validation (NCHW floats in [0, 1]); the tests
+hold them to agree. Spectral reconstruction uses MRAE, RMSE and PSNR on float cubes instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import correlate1d
+
+PSNR_CAP = 100.0
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+PEAK = 255.0
+Y_WEIGHTS = (65.481, 128.553, 24.966)  # MATLAB rgb2ycbcr, for R, G, B in 0..255
+SPECTRAL_CROP = 128  # NTIRE 2022 evaluates cubes on [128:-128, 128:-128]
+
+
+def quantize(image: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] -> uint8, rounded and clipped as when saving a PNG."""
+    return np.clip(np.round(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _gaussian_window() -> np.ndarray:
+    offsets = np.arange(SSIM_WINDOW, dtype=np.float64) - (SSIM_WINDOW - 1) / 2
+    weights = np.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
+    return weights / weights.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy reference (one image pair)
+
+
+def _prepare(pred: np.ndarray, target: np.ndarray, y_channel: bool, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a uint8 pair and return float64 HxWxC arrays in 0..255 (Y or RGB), border-cropped."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target differ in shape: {pred.shape} vs {target.shape}")
+    if pred.dtype != np.uint8 or target.dtype != np.uint8:
+        raise ValueError(
+            f"metrics take uint8 images (got {pred.dtype}, {target.dtype}); "
+            "quantise float images in [0, 1] with workloads.metrics.quantize first"
+        )
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {pred.shape}")
+    images = []
+    for image in (pred, target):
+        image = image.astype(np.float64)
+        if image.ndim == 2:
+            image = image[..., None]
+        if y_channel:
+            image = rgb_to_y(image)[..., None]
+        if crop_border:
+            image = image[crop_border:-crop_border, crop_border:-crop_border]
+        images.append(image)
+    return images[0], images[1]
+
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """MATLAB rgb2ycbcr luma of an HxWx3 uint8 RGB image: integers 16..235 (as float64)."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"Y channel needs an HxWx3 RGB image, got shape {image.shape}")
+    return np.floor(16.0 + image.astype(np.float64) @ np.array(Y_WEIGHTS) / 255.0 + 0.5)  # MATLAB rounds halves up
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, *, y_channel: bool = False, crop_border: int = 0) -> float:
+    """PSNR in dB between two uint8 images (HxWxC or HxW), capped at PSNR_CAP."""
+    a, b = _prepare(pred, target, y_channel, crop_border)
+    mse = float(np.mean((a - b) ** 2))
+    if mse == 0:
+        return PSNR_CAP
+    return min(10.0 * math.log10(PEAK**2 / mse), PSNR_CAP)
+
+
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SSIM map of two float64 2-D images; 'valid' Gaussian filtering, so smaller by 10 per axis."""
+    window = _gaussian_window()
+    margin = SSIM_WINDOW // 2
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        x = correlate1d(correlate1d(x, window, axis=0), window, axis=1)
+        return x[margin:-margin, margin:-margin]
+
+    c1, c2 = (SSIM_K1 * PEAK) ** 2, (SSIM_K2 * PEAK) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, *, y_channel: bool = False, crop_border: int = 0) -> float:
+    """SSIM between two uint8 images (HxWxC or HxW); colour images average their channels."""
+    a, b = _prepare(pred, target, y_channel, crop_border)
+    if min(a.shape[:2]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} after cropping, got {a.shape[:2]}")
+    return float(np.mean([_ssim_map(a[..., c], b[..., c]).mean() for c in range(a.shape[-1])]))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch, batched (NCHW floats in [0, 1]); computed in float64 so they agree with the reference
+
+
+def _prepare_batch(pred: torch.Tensor, target: torch.Tensor, y_channel: bool, crop_border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"expected two NCHW tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    images = []
+    for image in (pred, target):
+        image = (image.detach().to(torch.float64).clamp(0, 1) * 255.0).round()
+        if y_channel:
+            weights = image.new_tensor(Y_WEIGHTS).view(1, 3, 1, 1)
+            image = torch.floor(16.0 + (image * weights).sum(dim=1, keepdim=True) / 255.0 + 0.5)
+        if crop_border:
+            image = image[..., crop_border:-crop_border, crop_border:-crop_border]
+        images.append(image)
+    return images[0], images[1]
+
+
+def psnr_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+    """Per-image PSNR (float64 tensor of shape N) of NCHW float batches in [0, 1], capped at PSNR_CAP."""
+    a, b = _prepare_batch(pred, target, y_channel, crop_border)
+    mse = ((a - b) ** 2).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(PEAK**2 / mse)).clamp(max=PSNR_CAP)  # mse 0 gives inf, clamped
+
+
+def ssim_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+    """Per-image SSIM (float64 tensor of shape N) of NCHW float batches in [0, 1]."""
+    a, b = _prepare_batch(pred, target, y_channel, crop_border)
+    channels = a.shape[1]
+    window = torch.from_numpy(_gaussian_window()).to(a.device)
+    rows = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    cols = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, rows, groups=channels), cols, groups=channels)
+
+    c1, c2 = (SSIM_K1 * PEAK) ** 2, (SSIM_K2 * PEAK) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(dim=1)  # every channel's map has the same size: mean of channel means
+
+
+# ------------------------------------------------------------------------------------------------
+# spectral reconstruction (NTIRE 2022): float cubes, NCHW tensors, per-image values of shape N
+
+MRAE_EPS = 1e-6  # guards the division where a reference band is exactly 0
+
+
+def spectral_crop(cube: torch.Tensor) -> torch.Tensor:
+    """The NTIRE crop [128:-128, 128:-128] of an NCHW cube; smaller cubes (e.g. synthetic ones of
+    256x256 or less, where the crop would leave nothing) are evaluated whole."""
+    height, width = cube.shape[-2:]
+    if min(height, width) <= 2 * SPECTRAL_CROP:
+        return cube
+    return cube[..., SPECTRAL_CROP:-SPECTRAL_CROP, SPECTRAL_CROP:-SPECTRAL_CROP]
+
+
+def mrae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean relative absolute error |pred - target| / target per image; also the training loss."""
+    return ((pred - target).abs() / target.clamp(min=MRAE_EPS)).flatten(1).mean(dim=1)
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Root mean squared error per image."""
+    return ((pred - target) ** 2).flatten(1).mean(dim=1).sqrt()
+
+
+def spectral_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR per image of cubes clipped to [0, 1] (peak 1), capped at PSNR_CAP."""
+    mse = ((pred.clamp(0, 1) - target.clamp(0, 1)) ** 2).flatten(1).mean(dim=1)
+    return (-10.0 * torch.log10(mse)).clamp(max=PSNR_CAP)
+
+
+# ------------------------------------------------------------------------------------------------
+# protocol: which of the above a task reports, recorded with every result
+
+COLOR_SPACES = ("rgb", "y", "spectral")
+
+
+def _cube_batch(cube: np.ndarray) -> torch.Tensor:
+    """HxWxB numpy cube -> 1xBxHxW float64 tensor."""
+    return torch.from_numpy(np.asarray(cube, dtype=np.float64)).permute(2, 0, 1)[None]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a task's results are measured. Every result carries `as_dict()` (or `describe()`), so a
+    number is never separated from the protocol it was computed under."""
+
+    color_space: str  # "rgb" or "y": PSNR/SSIM on uint8 images; "spectral": MRAE/RMSE/PSNR on cubes
+    crop_border: int = 0
+    noise_sigma: float | None = None  # Gaussian denoising: noise of the inputs, 0..255 scale
+
+    def __post_init__(self) -> None:
+        if self.color_space not in COLOR_SPACES:
+            raise ValueError(f"unknown colour space {self.color_space!r}; choose one of {', '.join(COLOR_SPACES)}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("mrae", "rmse", "psnr") if self.color_space == "spectral" else ("psnr", "ssim")
+
+    def describe(self) -> str:
+        if self.color_space == "spectral":
+            text = (
+                f"MRAE/RMSE/PSNR (peak 1) on float cubes, crop [{SPECTRAL_CROP}:-{SPECTRAL_CROP}] on both axes "
+                f"when larger than {2 * SPECTRAL_CROP} px"
+            )
+        else:
+            space = "Y (MATLAB rgb2ycbcr on uint8: BT.601, integers 16..235)" if self.color_space == "y" else "RGB"
+            text = (
+                f"PSNR/SSIM on {space} of uint8-quantised images; SSIM Gaussian {SSIM_WINDOW}x{SSIM_WINDOW} "
+                f"sigma {SSIM_SIGMA}, K1 {SSIM_K1}, K2 {SSIM_K2}, L 255, valid; PSNR capped at {PSNR_CAP:g} dB; "
+                f"border crop {self.crop_border}"
+            )
+        if self.noise_sigma is not None:
+            text += f"; inputs with Gaussian noise sigma {self.noise_sigma:g}/255, seeded per image"
+        return text
+
+    def as_dict(self) -> dict:
+        return {
+            "color_space": self.color_space,
+            "metrics": list(self.metrics),
+            "crop_border": self.crop_border,
+            "noise_sigma": self.noise_sigma,
+            "description": self.describe(),
+        }
+
+    def measure(self, pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        """Metrics of one HxWxC pair of floats (images in [0, 1], quantised here; or spectral cubes)."""
+        if self.color_space == "spectral":
+            values = self.measure_batch(_cube_batch(pred), _cube_batch(target))
+            return {name: float(value[0]) for name, value in values.items()}
+        a, b = quantize(pred), quantize(target)
+        options = {"y_channel": self.color_space == "y", "crop_border": self.crop_border}
+        return {"psnr": psnr(a, b, **options), "ssim": ssim(a, b, **options)}
+
+    def measure_batch(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image metrics (tensors of shape N) of NCHW batches, for validation during training."""
+        if self.color_space == "spectral":
+            pred, target = spectral_crop(pred), spectral_crop(target)
+            return {"mrae": mrae(pred, target), "rmse": rmse(pred, target), "psnr": spectral_psnr(pred, target)}
+        options = {"y_channel": self.color_space == "y", "crop_border": self.crop_border}
+        return {"psnr": psnr_batch(pred, target, **options), "ssim": ssim_batch(pred, target, **options)}
+
+    def report(self, per_image: dict[str, dict[str, float]]) -> dict:
+        """A result record: per-image metrics, their means over the images, and this protocol."""
+        mean = {name: float(np.mean([values[name] for values in per_image.values()])) for name in self.metrics}
+        return {"protocol": self.as_dict(), "count": len(per_image), "mean": mean, "images": per_image}
