@@ -109,10 +109,33 @@ def _cube_variable(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
     return cubes[0]
 
 
-def write_image(path: Path, image: np.ndarray) -> None:
-    """Save an HxWxC float image in [0, 1] as 8-bit (quantised like the metrics do)."""
-    data = quantize(image)
-    Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data).save(path)
+def image_bit_depth(path: Path) -> int:
+    """16 for 16-bit PNGs and TIFFs, else 8 (the depth a restored copy of the image is saved in)."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return 16 if _png_bit_depth(path) == 16 else 8
+    if suffix in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tiff:
+            return 16 if tiff.pages[0].dtype == np.uint16 else 8
+    return 8
+
+
+def write_image(path: Path, image: np.ndarray, bit_depth: int = 8) -> None:
+    """Save an HxWxC float image in [0, 1] as 8-bit (quantised like the metrics do) or 16-bit
+    (PNG or TIFF)."""
+    if bit_depth == 8:
+        data = quantize(image)
+        Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data).save(path)
+        return
+    if bit_depth != 16 or path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise ValueError(f"{path}: 16-bit output needs a .png or .tif file; got bit depth {bit_depth}")
+    data = np.round(np.clip(image, 0.0, 1.0) * 65535).astype(np.uint16)
+    if path.suffix.lower() == ".png":
+        writer = png.Writer(data.shape[1], data.shape[0], greyscale=data.shape[-1] == 1, bitdepth=16)
+        with path.open("wb") as file:
+            writer.write(file, data.reshape(data.shape[0], -1))
+    else:
+        tifffile.imwrite(path, data[..., 0] if data.shape[-1] == 1 else data)
 
 
 def write_cube(path: Path, cube: np.ndarray) -> None:

@@ -18,9 +18,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from workloads.files import IMAGE_SUFFIXES, image_bit_depth, read_image, write_image
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,3 +115,25 @@ def run_self_ensemble(forward: Forward, image: torch.Tensor) -> torch.Tensor:
             out = out.flip(-1) if flip else out
             total = out if total is None else total + out
     return total / 8
+
+
+def restore_files(model: torch.nn.Module, source: Path, destination: Path, **options: Any) -> list[tuple[Path, Path]]:
+    """Restore an image file, or every image of a folder into a folder (same names), keeping each
+    image's bit depth (8 or 16). `options` go to `restore` (tile, overlap, self_ensemble)."""
+    if source.is_dir():
+        inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not inputs:
+            raise ValueError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        destination.mkdir(parents=True, exist_ok=True)
+        pairs = [(path, destination / path.name) for path in inputs]
+    elif source.is_file():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        pairs = [(source, destination)]
+    else:
+        raise FileNotFoundError(f"{source} does not exist")
+    multiple = getattr(model, "size_multiple", 8)
+    for src, dst in tqdm(pairs, desc="restoring", unit="image", disable=len(pairs) == 1):
+        image = torch.from_numpy(read_image(src).transpose(2, 0, 1).copy())[None]
+        output = restore(model, image, multiple=multiple, **options)[0].numpy().transpose(1, 2, 0)
+        write_image(dst, output, bit_depth=image_bit_depth(src) if dst.suffix.lower() in (".png", ".tif", ".tiff") else 8)
+    return pairs

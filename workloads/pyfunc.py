@@ -25,7 +25,8 @@ class RestorationModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.network = load_consolidated(context.artifacts[WEIGHTS_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # No type hints on predict: MLflow would read them as a schema and override the tensor signature.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         multiple = getattr(self.network, "size_multiple", 8)
         return restore(self.network, batch, multiple=multiple).numpy()

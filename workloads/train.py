@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from models import build_model
 from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule
+from workloads.metrics import mrae
 from workloads.schedule import lr_factor
 from workloads.session import LocalSession, RayTrainSession
 from workloads.tasks import Task, get_task
@@ -52,10 +53,9 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
     # Same initial weights on every rank; different (disjoint) data per rank comes from the sampler.
     seed_everything(train["seed"])
     model = build_model(config["model"])
-    train_set = PairedDataset(Path(data["train"]), task, patch_size=PatchSchedule.from_config(data["schedule"]).max_patch_size,
-                              seed=train["seed"])
-    val_set = PairedDataset(Path(data["val"]), task, seed=train["seed"])
     schedule = PatchSchedule.from_config(data["schedule"])
+    train_set = PairedDataset(Path(data["train"]), task, patch_size=schedule.max_patch_size, seed=train["seed"])
+    val_set = PairedDataset(Path(data["val"]), task, seed=train["seed"])
 
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -141,7 +141,7 @@ def deepspeed_config(config: dict[str, Any], micro_batch: int) -> dict[str, Any]
 
 def task_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if task.loss == "mrae":
-        return ((output - target).abs() / (target.abs() + 1e-6)).mean()
+        return mrae(output, target).mean()
     return (output - target).abs().mean()
 
 

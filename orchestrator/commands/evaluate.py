@@ -1,4 +1,5 @@
-"""`restorch evaluate --pred DIR --target DIR --task T`: metrics of saved results under the task's protocol."""
+"""`restorch evaluate`: metrics under the task's protocol, of saved results (`--pred DIR --target DIR`)
+or of a registered model run on a dataset (`--model models:/NAME@alias --data DIR`, logged to MLflow)."""
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,19 @@ def format_result(result: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    result = evaluate_folders(args.pred, args.target, get_task(args.task, sigma=args.sigma))
-    print(format_result(result))
+    if args.model:
+        if not args.data or args.pred or args.target:
+            raise ValueError("--model takes --data DIR (a dataset folder), not --pred/--target")
+        from orchestrator.registry import evaluate_version
+
+        result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)
+        print(format_result(result))
+        print(f"logged to MLflow run {run_id} (linked to {result['model']})")
+    elif args.pred and args.target:
+        result = evaluate_folders(args.pred, args.target, get_task(args.task, sigma=args.sigma))
+        print(format_result(result))
+    else:
+        raise ValueError("give --pred DIR --target DIR (saved results) or --model URI --data DIR (a registered model)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"result written to {args.json}")
@@ -65,8 +77,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="PSNR/SSIM (or spectral metrics) of results against targets")
-    evaluate.add_argument("--pred", required=True, type=Path, help="folder of restored images (or cubes)")
-    evaluate.add_argument("--target", required=True, type=Path, help="folder of ground truth, same file names")
+    evaluate.add_argument("--pred", type=Path, help="folder of restored images (or cubes)")
+    evaluate.add_argument("--target", type=Path, help="folder of ground truth, same file names")
+    evaluate.add_argument("--model", help="a registered model, models:/NAME@alias or models:/NAME/VERSION")
+    evaluate.add_argument("--data", type=Path, help="with --model: a dataset folder (input/ + target/ or another layout)")
+    evaluate.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     evaluate.add_argument("--task", required=True, choices=list(TASKS), help="fixes the protocol (e.g. Y channel for deraining)")
     evaluate.add_argument("--sigma", type=float, help="gaussian_denoising noise level the results were made at (recorded)")
     evaluate.add_argument("--json", type=Path, help="also write the result record (with its protocol) to this file")

@@ -1,0 +1,120 @@
+"""`restorch register`, `restorch registry promote|list|show|compare`, `restorch restore`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+
+from orchestrator import registry
+
+
+def _describe(version: ModelVersion, aliases: list[str]) -> str:
+    alias_text = " ".join(f"@{a}" for a in aliases)
+    return f"{version.name} v{version.version} {alias_text}".rstrip()
+
+
+def _aliases_of(client: registry.MlflowClient, name: str) -> dict[str, list[str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    return by_version
+
+
+def _register(args: argparse.Namespace) -> int:
+    version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
+    print(f"registered {version.name} v{version.version} from run {version.run_id}: models:/{version.name}/{version.version}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    version = registry.promote(registry.client_for(args.tracking_uri), args.name, args.version, args.alias)
+    print(f"{version.name} v{version.version} is now @{args.alias}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    client = registry.client_for(args.tracking_uri)
+    names = registry.registered_names(client)
+    if not names:
+        print("no registered models")
+    for name in names:
+        aliases = _aliases_of(client, name)
+        for version in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+            tags = version.tags
+            print(f"{_describe(version, aliases.get(str(version.version), [])):<40} task {tags.get('task', '?'):<18} "
+                  f"psnr {tags.get('val.psnr', '-'):>8}  params {tags.get('params_m', '-')} M")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    client = registry.client_for(args.tracking_uri)
+    version = registry.get_version(client, registry.ModelReference.parse(args.reference))
+    print(_describe(version, _aliases_of(client, version.name).get(str(version.version), [])))
+    for key, value in sorted(version.tags.items()):
+        print(f"  {key}: {value}")
+    print()
+    print(version.description or "")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    client = registry.client_for(args.tracking_uri)
+    left = registry.get_version(client, registry.ModelReference(args.name, version=args.v1))
+    right = registry.get_version(client, registry.ModelReference(args.name, version=args.v2))
+    keys = sorted(set(left.tags) | set(right.tags))
+    width = max(len("tag"), *(len(k) for k in keys))
+    print(f"{'tag':<{width}}  {'v' + str(left.version):>34}  {'v' + str(right.version):>34}")
+    for key in keys:
+        a, b = left.tags.get(key, "-"), right.tags.get(key, "-")
+        print(f"{key:<{width}}  {a:>34}  {b:>34}{'' if a == b else '  *'}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from workloads.inference import restore_files
+
+    network, version = registry.load_network(args.model, args.tracking_uri)
+    pairs = restore_files(network, args.input, args.output, tile=args.tile, overlap=args.overlap,
+                          self_ensemble=args.self_ensemble)
+    print(f"restored {len(pairs)} image(s) with {version.name} v{version.version} -> {args.output}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    def tracking(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        return parser
+
+    reg = tracking(subparsers.add_parser("register", help="register a sweep's best trial (or a run) as a model version"))
+    reg.add_argument("source", help="sweep name, sweep run id or trial run id")
+    reg.add_argument("--name", required=True, help="registered model name, e.g. derain-glmha")
+    reg.add_argument("--metric", default="psnr", help="metric that picks the best trial (default psnr)")
+    reg.add_argument("--mode", choices=["max", "min"], default="max")
+    reg.set_defaults(handler=_register)
+
+    group = subparsers.add_parser("registry", help="registered models: promote, list, show, compare")
+    commands = group.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+    promote = tracking(commands.add_parser("promote", help="point an alias (e.g. champion) at a version"))
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    promote.set_defaults(handler=_promote)
+    tracking(commands.add_parser("list", help="every registered version")).set_defaults(handler=_list)
+    show = tracking(commands.add_parser("show", help="tags and model card of NAME[@alias|/version]"))
+    show.add_argument("reference")
+    show.set_defaults(handler=_show)
+    compare = tracking(commands.add_parser("compare", help="two versions' tags side by side"))
+    compare.add_argument("name")
+    compare.add_argument("v1")
+    compare.add_argument("v2")
+    compare.set_defaults(handler=_compare)
+
+    restore = tracking(subparsers.add_parser("restore", help="restore images with a registered model"))
+    restore.add_argument("--model", required=True, help="models:/NAME@alias or models:/NAME/VERSION")
+    restore.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
+    restore.add_argument("--output", required=True, type=Path, help="an image path, or a folder for a folder input")
+    restore.add_argument("--tile", type=int, help="tile size for large images (a multiple of 8)")
+    restore.add_argument("--overlap", type=int, default=32)
+    restore.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
+    restore.set_defaults(handler=_restore)
