@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +92,19 @@ def profile_model(model: nn.Module, size: int | tuple[int, int] = 256, batch: in
         total_gmacs=flop_counter.get_total_flops() / 2 / 1e9,
         input_shape=shape,
     )
+
+
+def activation_bytes(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
+    """Bytes of the tensors a forward pass keeps for backward, parameters excluded: its activation
+    memory, counted from tensor sizes (the same on every machine, unlike resident memory)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if not isinstance(tensor, nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward(x.requires_grad_())
+    return total

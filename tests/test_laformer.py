@@ -9,23 +9,10 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model
+from models.profile import activation_bytes
 from models.attention.rela import FEATURE_MAPS, RankEnhancedLinearAttention
 
 SMALL = {"name": "laformer", "dim": 8, "num_blocks": [1, 1, 1, 2], "num_refinement_blocks": 1, "heads": [1, 1, 2, 2]}
-
-
-def activation_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """Bytes of the tensors a forward pass keeps for backward (its activation memory)."""
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn(x.requires_grad_())
-    return total
 
 
 def flops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:

@@ -1,0 +1,204 @@
+"""`restorch bench`: speed of the models and of the training engine, as ratios measured in one run.
+
+Every figure that is compared is measured interleaved (each variant once per round, median over the
+rounds after warm-up) so that machine noise spreads evenly, and each result can be logged to MLflow
+as a `benchmark` run with its table as artifacts.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from models import build_model, list_models
+from models.attention import ATTENTIONS
+from models.profile import activation_bytes, profile_model
+
+BASELINE = "restormer"  # CSA-Restormer: every ratio is to it
+BENCHMARK_EXPERIMENT = "restorch-benchmarks"
+# Dense bf16 peak FLOP/s of the GPUs we know, for MFU (or pass --peak-tflops).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_variants() -> dict[str, dict[str, Any]]:
+    """Every registered model at its defaults, and Restormer with each other channel attention."""
+    variants = {name: {"name": name} for name in list_models()}
+    variants.update({f"restormer+{a}": {"name": "restormer", "attention": a} for a in ATTENTIONS if a != "csa"})
+    return variants
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(runners: dict[str, dict[str, Callable[[], Any]]], device: torch.device, repeats: int,
+                        warmup: int) -> dict[str, dict[str, float]]:
+    """Median seconds of each runner of each variant, all run once per round."""
+    seconds: dict[str, dict[str, list[float]]] = {v: {k: [] for k in kinds} for v, kinds in runners.items()}
+    for round_index in range(warmup + repeats):
+        for variant, kinds in runners.items():
+            for kind, fn in kinds.items():
+                elapsed = _timed(fn, device)
+                if round_index >= warmup:
+                    seconds[variant][kind].append(elapsed)
+    return {v: {k: statistics.median(t) for k, t in kinds.items()} for v, kinds in seconds.items()}
+
+
+def bench_models(size: int = 128, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
+                 repeats: int = 5, warmup: int = 1, variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Params, MACs, forward and forward+backward time and activation memory of each model at 1x3xSxS."""
+    variants = variants or model_variants()
+    target = torch.device(device)
+    runners, rows = {}, {}
+    for label, config in variants.items():
+        torch.manual_seed(0)
+        model = build_model(config)
+        profile = profile_model(model, size=size)
+        model = model.to(target, DTYPES[dtype])
+        channels = profile.input_shape[1]
+        image = torch.rand(1, channels, size, size, device=target, dtype=DTYPES[dtype])
+        run = torch.compile(model) if compile else model
+
+        def forward(run: Callable = run, image: torch.Tensor = image) -> None:
+            with torch.no_grad():
+                run(image)
+
+        def forward_backward(run: Callable = run, model: torch.nn.Module = model, image: torch.Tensor = image) -> None:
+            model.zero_grad(set_to_none=True)
+            run(image).float().abs().mean().backward()
+
+        runners[label] = {"fwd": forward, "fwd_bwd": forward_backward}
+        rows[label] = {"model": label, "params_m": profile.params / 1e6, "conv_gmacs": profile.conv_gmacs,
+                       "total_gmacs": profile.total_gmacs,
+                       "activation_mb": activation_bytes(lambda x, m=model: m(x), image.clone()) / 2**20}
+    medians = interleaved_medians(runners, target, repeats, warmup)
+    base = medians.get(BASELINE)
+    for label, row in rows.items():
+        row["fwd_s"], row["fwd_bwd_s"] = medians[label]["fwd"], medians[label]["fwd_bwd"]
+        if base:
+            row["fwd_ratio"] = row["fwd_s"] / base["fwd"]
+            row["fwd_bwd_ratio"] = row["fwd_bwd_s"] / base["fwd_bwd"]
+            row["activation_ratio"] = row["activation_mb"] / rows[BASELINE]["activation_mb"]
+    return list(rows.values())
+
+
+def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: int = 3, warmup: int = 1,
+                zero_stage: int = 1, peak_tflops: float | None = None,
+                variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Images/s of one worker's training step: DeepSpeed (ZeRO) vs plain PyTorch on the same model."""
+    import deepspeed
+
+    from workloads.train import deepspeed_config, init_local_process_group
+
+    init_local_process_group()
+    variants = variants or {"csa-restormer": {"name": "restormer"},
+                            "glmha-restormer": {"name": "restormer", "attention": "glmha"}, "hint": {"name": "hint"}}
+    target = torch.device(device)
+    job = {"train": {"grad_clip": 0.01}, "deepspeed": {"zero_stage": zero_stage, "precision": "auto"}}
+    image = torch.rand(batch, 3, patch, patch, device=target)
+    runners, flops = {}, {}
+    for label, config in variants.items():
+        torch.manual_seed(0)
+        plain = build_model(config).to(target)
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=3e-4, weight_decay=1e-4)
+        torch.manual_seed(0)
+        wrapped = build_model(config)
+        engine, *_ = deepspeed.initialize(
+            model=wrapped, optimizer=torch.optim.AdamW(wrapped.parameters(), lr=3e-4, weight_decay=1e-4),
+            config=deepspeed_config(job, batch), dist_init_required=False)
+        dtype = next(engine.module.parameters()).dtype
+
+        def plain_step(model: torch.nn.Module = plain, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            loss = (model(image) - image).abs().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job["train"]["grad_clip"])
+            optimizer.step()
+
+        def deepspeed_step(engine: Any = engine, dtype: torch.dtype = dtype) -> None:
+            engine.backward((engine(image.to(dtype)).float() - image).abs().mean())
+            engine.step()
+
+        runners[label] = {"plain": plain_step, "deepspeed": deepspeed_step}
+        flops[label] = 2e9 * profile_model(plain, size=patch, batch=batch).total_gmacs
+    medians = interleaved_medians(runners, target, repeats, warmup)
+    peak = peak_tflops or (_known_peak() if target.type == "cuda" else None)
+    rows = []
+    for label, m in medians.items():
+        row = {"model": label, "plain_img_s": batch / m["plain"], "deepspeed_img_s": batch / m["deepspeed"]}
+        row["deepspeed_overhead"] = row["plain_img_s"] / row["deepspeed_img_s"]
+        if peak:
+            row["mfu"] = 3 * flops[label] / batch * row["deepspeed_img_s"] / (peak * 1e12)
+        rows.append(row)
+    return rows
+
+
+def _known_peak() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any], uri: str | None = None) -> str:
+    """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(uri))
+    experiment = client.get_experiment_by_name(BENCHMARK_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(BENCHMARK_EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=f"bench-{kind}", tags={
+        "restorch.kind": "benchmark", "restorch.benchmark": kind, "host": platform.node(),
+        "device": torch.cuda.get_device_name() if settings.get("device") == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": str(torch.get_num_threads())})
+    run_id = run.info.run_id
+    for key, value in settings.items():
+        client.log_param(run_id, key, value)
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, (int, float)):
+                client.log_metric(run_id, f"{row['model']}.{key}", float(value))
+    client.log_text(run_id, format_table(rows), f"{kind}.txt")
+    client.log_text(run_id, to_csv(rows), f"{kind}.csv")
+    client.set_terminated(run_id)
+    return run_id

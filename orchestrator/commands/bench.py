@@ -1,0 +1,55 @@
+"""`restorch bench models|train`: speed benchmarks, printed and logged to MLflow."""
+from __future__ import annotations
+
+import argparse
+
+from orchestrator import benchmarks
+
+
+def _report(kind: str, rows: list[dict], settings: dict, args: argparse.Namespace) -> int:
+    print(f"{kind} benchmark, {settings}")
+    print(benchmarks.format_table(rows))
+    if not args.no_log:
+        run_id = benchmarks.log_benchmark(kind, rows, settings, args.tracking_uri)
+        print(f"logged to MLflow run {run_id} (experiment {benchmarks.BENCHMARK_EXPERIMENT})")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    settings = {"size": args.size, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+                "repeats": args.repeats, "warmup": args.warmup}
+    rows = benchmarks.bench_models(**settings)
+    return _report("models", rows, settings, args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
+                "warmup": args.warmup, "zero_stage": args.zero_stage, "peak_tflops": args.peak_tflops}
+    rows = benchmarks.bench_train(**settings)
+    return _report("train", rows, settings, args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="speed benchmarks (ratios measured in one run)")
+    commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+
+    def common(parser: argparse.ArgumentParser, repeats: int) -> argparse.ArgumentParser:
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        parser.add_argument("--repeats", type=int, default=repeats, help="measured rounds (median)")
+        parser.add_argument("--warmup", type=int, default=1)
+        parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        parser.add_argument("--no-log", action="store_true", help="print only, do not log to MLflow")
+        return parser
+
+    models = common(commands.add_parser("models", help="every model: params, MACs, fwd and fwd+bwd time, memory"), 5)
+    models.add_argument("--size", type=int, default=128)
+    models.add_argument("--dtype", choices=list(benchmarks.DTYPES), default="fp32")
+    models.add_argument("--compile", action="store_true", help="torch.compile each model")
+    models.set_defaults(handler=_models)
+
+    train = common(commands.add_parser("train", help="training-step images/s: DeepSpeed vs plain PyTorch"), 3)
+    train.add_argument("--patch", type=int, default=128)
+    train.add_argument("--batch", type=int, default=1)
+    train.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
+    train.add_argument("--peak-tflops", type=float, help="device peak FLOP/s for MFU (known GPUs are detected)")
+    train.set_defaults(handler=_train)
