@@ -6,31 +6,55 @@ with the trial's config. Everything here runs on the driver; deepspeed is never 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import ExperimentSpec, SpecError
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 
 
 def job_config(spec: ExperimentSpec, run_name: str, storage_path: str) -> dict[str, Any]:
     """The plain-data config the workers' training loop reads."""
-    config = spec.config()
+    config = pin_paths(spec).config()
     config["data"]["schedule"] = spec.data.schedule_config()
-    config["data"]["train"] = str(Path(spec.data.train).resolve())
-    config["data"]["val"] = str(Path(spec.data.val).resolve())
     config["run"] = {"name": run_name, "storage_path": storage_path}
     return config
 
 
 def storage_path(spec: ExperimentSpec) -> str:
     """Absolute local path (Ray needs one) or the s3:// URI as written."""
-    path = spec.storage.path
+    return absolute_storage(spec.storage.path)
+
+
+def absolute_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def check_local_resources(spec: ExperimentSpec, concurrent_trials: int = 1) -> None:
+def pin_paths(spec: ExperimentSpec) -> ExperimentSpec:
+    """The spec with its local paths made absolute (data folders, storage): it then means the same in
+    every process, whatever its working directory (Tune runs each trial in its own)."""
+    data = spec.data.model_copy(update={key: str(Path(getattr(spec.data, key)).resolve()) for key in ("train", "val")})
+    storage = spec.storage.model_copy(update={"path": storage_path(spec)})
+    return spec.model_copy(update={"data": data, "storage": storage})
+
+
+def preflight(spec: ExperimentSpec, address: str | None) -> None:
+    """Refuse, before Ray starts, what the embedded local Ray can never run. On a cluster
+    (`address` or $RAY_ADDRESS) the resources are checked once connected: `check_cluster_resources`."""
+    if address or os.environ.get(RAY_ADDRESS_ENV):
+        return
+    check_local_resources(spec)
+    for key in ("train", "val"):
+        folder = Path(getattr(spec.data, key))
+        if not folder.is_dir():
+            raise SpecError(f"data.{key}: {folder} is not a folder on this machine; fix the path "
+                            "(`restorch data synth` writes a small dataset)")
+
+
+def check_local_resources(spec: ExperimentSpec) -> None:
     """On the embedded local Ray, refuse what this machine can never run (before Ray starts)."""
     resources = spec.resources
     cpus = os.cpu_count() or 1
@@ -51,41 +75,87 @@ def check_local_resources(spec: ExperimentSpec, concurrent_trials: int = 1) -> N
             )
 
 
-def init_ray(address: str | None, **options: Any) -> None:
-    """Connect to a cluster (`--address` or $RAY_ADDRESS), or start the embedded local Ray."""
+def check_cluster_resources(spec: ExperimentSpec) -> None:
+    """On a connected cluster, refuse a trial larger than the whole cluster (it would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    resources = spec.resources
+    needs = {"CPU": resources.num_workers * resources.cpus_per_worker}
+    if resources.use_gpu:
+        needs["GPU"] = resources.num_workers * (resources.gpus_per_worker or 1)
+    for name, amount in needs.items():
+        if amount > total.get(name, 0):
+            raise SpecError(
+                f"resources: one trial needs {amount:g} {name} ({resources.num_workers} workers) but the whole Ray "
+                f"cluster has {total.get(name, 0):g}; lower resources.num_workers / {name.lower()}s_per_worker"
+            )
+
+
+def init_ray(address: str | None, *, local_resources: dict[str, float] | None = None) -> None:
+    """Connect to a cluster (`--address` or $RAY_ADDRESS), or start the embedded local Ray with this
+    machine's CPUs and `local_resources` (custom resources such as sweep trial slots)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
-        ray.init(address=address, **options)
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count(), **options)
+        start_local_ray(local_resources)
+
+
+def start_local_ray(resources: dict[str, float] | None) -> None:
+    """A new local Ray (never another one running on this machine) whose processes all know its
+    address: Ray Train's placement-group cleaner looks its cluster up by address and, with two Ray
+    instances on one machine and no $RAY_ADDRESS, fails, leaving stopped trials' CPUs reserved."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)  # read by ray.init when it starts the head node
+    try:
+        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources,
+                 runtime_env={"env_vars": {RAY_ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}"}})
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
 
 
 def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, storage: str,
                  callbacks: list[Any] | None = None) -> Any:
+    """The job's TorchTrainer; with `config["trial_run"]` (sweep trials), rank 0 also logs to MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.storage import ray_storage
+    from orchestrator.tracking import tracked_train_loop
     from workloads.train import train_loop_per_worker
 
+    fs_path, filesystem = ray_storage(storage, spec.storage.endpoint_url)
     resources = spec.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker or 1
     return TorchTrainer(
-        train_loop_per_worker,
+        tracked_train_loop if "trial_run" in config else train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=fs_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.search.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.search.keep_checkpoints,
+                                               checkpoint_score_attribute=spec.search.metric,
+                                               checkpoint_score_order=spec.search.mode),
             callbacks=callbacks,
         ),
     )
@@ -93,11 +163,11 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
 
 def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> Any:
     """Run (or resume, if a run of the same name exists in storage) one training job; returns Ray's Result."""
-    if not (address or os.environ.get(RAY_ADDRESS_ENV)):
-        check_local_resources(spec)
+    preflight(spec, address)
     storage = storage_path(spec)
     config = job_config(spec, spec.name, storage)
     if fault:
         config["fault"] = fault
     init_ray(address)
+    check_cluster_resources(spec)
     return make_trainer(spec, config, name=spec.name, storage=storage).fit()

@@ -18,7 +18,6 @@ before anything runs. Specs are data only: read with yaml.safe_load.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,6 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SEARCHABLE_SECTIONS = ("model", "train", "data")
 DOMAIN_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 DEFAULT_MAX_TRIALS = 64
+DEFAULT_STORAGE = "restorch_runs"
+# Model-size metrics every sweep trial reports next to the task's validation metrics (from models.profile).
+PROFILE_METRICS = ("params_m", "conv_gmacs", "total_gmacs")
+# The search-space key of an ablation's variants (a grid over their labels; see resolve_trial).
+VARIANT_KEY = "ablation.variant"
 
 
 class SpecError(ValueError):
@@ -105,7 +109,7 @@ class ResourcesSpec(_Section):
 
 
 class StorageSpec(_Section):
-    path: str = Field("restorch_runs", description="local folder or s3://bucket/prefix for checkpoints and results")
+    path: str = Field(DEFAULT_STORAGE, description="local folder or s3://bucket/prefix for checkpoints and results")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto)")
 
 
@@ -115,21 +119,62 @@ class TrackingSpec(_Section):
 
 
 class SearchSpec(_Section):
-    algorithm: Literal["random", "grid", "optuna", "optuna_multi"] = "random"
-    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
-    metric: str = "psnr"
+    algorithm: Literal["random", "grid", "optuna", "optuna_multi"] = Field(
+        "random", description="random (and grid entries), grid, optuna (TPE) or optuna_multi (multi-objective TPE)"
+    )
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo runs every trial to the end; asha stops weak ones")
+    metric: str = Field("psnr", description="validation metric that ranks trials and checkpoints (psnr, ssim, loss, ...)")
     mode: Literal["max", "min"] = "max"
     objectives: dict[str, Literal["max", "min"]] | None = Field(
-        None, description="optuna_multi: metric -> mode, e.g. {psnr: max, gmacs: min}"
+        None, description="optuna_multi: metric -> mode, e.g. {psnr: max, conv_gmacs: min}"
     )
     num_samples: int = Field(1, ge=1, description="samples of the space (grid: repeats of the full grid)")
     max_concurrent_trials: int = Field(1, ge=1)
     max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse larger sweeps unless --yes")
     grace_period: int = Field(1, ge=1, description="asha: validations before a trial may be stopped")
-    reduction_factor: float = Field(2, gt=1)
-    perturbation_interval: int = Field(1, ge=1, description="pbt: validations between perturbations")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (best by the metric)")
-    time_budget_s: float | None = Field(None, gt=0, description="per-trial wall-time budget")
+    reduction_factor: float = Field(2, gt=1, description="asha: keep the best 1/reduction_factor at each rung")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (the best by the metric, and the latest)")
+    time_budget_s: float | None = Field(None, gt=0, description="per-trial wall-time budget (the iteration budget is train.iterations)")
+
+
+class AblationSetting(_Section):
+    label: str = Field(min_length=1, description="the variant's name in the report, e.g. 'GLMHA r=0.75'")
+    set: dict[str, Any] = Field(default_factory=dict,
+                                description="dotted key under model, train or data -> value; a number picks a "
+                                            "list item (model.attention.0: the first level)")
+
+    @field_validator("set")
+    @classmethod
+    def _plain_assignments(cls, assignments: dict[str, Any]) -> dict[str, Any]:
+        for key, value in assignments.items():
+            if key.split(".")[0] not in SEARCHABLE_SECTIONS or "." not in key:
+                raise ValueError(f"{key!r}: a setting changes a dotted key under {', '.join(SEARCHABLE_SECTIONS)}, "
+                                 "e.g. model.glmha.kv_reduction")
+            if extract_search_space("set", value)[1]:
+                raise ValueError(f"{key}: a setting takes one value, not a search-space entry; list each value "
+                                 "as a setting of its own")
+        return assignments
+
+
+class AblationSpec(_Section):
+    """The `ablation:` section (orchestrator/ablation.py makes the variants)."""
+
+    mode: Literal["one_at_a_time", "factorial", "cumulative"] = Field(
+        "one_at_a_time", description="one_at_a_time: each setting alone on the baseline; factorial: every combination "
+                                     "of one setting per factor; cumulative: the settings added one by one, in order")
+    baseline: AblationSetting = Field(AblationSetting(label="baseline"),
+                                      description="the reference row: its set overrides the spec's model/train/data")
+    factors: dict[str, list[AblationSetting]] = Field(min_length=1, description="factor name -> its settings")
+    seeds: list[int] | None = Field(None, min_length=1, description="train every variant once per seed (mean ± std)")
+    profile_only: bool = Field(False, description="fill the FLOPs/Params columns only: profile, train nothing")
+
+    @field_validator("factors")
+    @classmethod
+    def _settings_given(cls, factors: dict[str, list[AblationSetting]]) -> dict[str, list[AblationSetting]]:
+        empty = [name for name, settings in factors.items() if not settings]
+        if empty:
+            raise ValueError(f"factor {empty[0]!r} has no settings; give it a list of {{label, set}}")
+        return factors
 
 
 class Domain(BaseModel):
@@ -159,6 +204,7 @@ class ExperimentSpec(_Section):
     search: SearchSpec = SearchSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
+    ablation: AblationSpec | None = Field(None, description="an ablation study of the model/train/data (restorch ablate)")
     search_space: list[Domain] = Field(default_factory=list, description="filled by load_spec from the sections")
 
     @field_validator("task", mode="before")
@@ -174,6 +220,14 @@ class ExperimentSpec(_Section):
     def config(self) -> dict[str, Any]:
         """The spec as plain data (what travels to the workers)."""
         return self.model_dump(mode="json", exclude={"search_space"})
+
+    def as_written(self) -> dict[str, Any]:
+        """The spec as plain data with the search-space entries in place (defaults filled in); an
+        ablation's search space is made from its ablation section, so it is not written back."""
+        config = self.config()
+        for domain in [] if self.ablation else self.search_space:
+            set_dotted(config, domain.key, {domain.kind: domain.values})
+        return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,19 +273,38 @@ def extract_search_space(section: str, tree: Any, prefix: str = "") -> tuple[Any
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    """config['model']['glmha']['alpha'] = value for key 'model.glmha.alpha'."""
+    """config['model']['glmha']['alpha'] = value for key 'model.glmha.alpha'; a number picks a list
+    item (key 'model.attention.0': the first item of model.attention)."""
     *parents, leaf = key.split(".")
-    node = config
+    node: Any = config
     for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node[_list_index(node, part, key)]
+    if isinstance(node, dict):
+        node[leaf] = value
+    else:
+        node[_list_index(node, leaf, key)] = value
+
+
+def _list_index(node: Any, part: str, key: str) -> int:
+    if not isinstance(node, list) or not part.isdigit() or int(part) >= len(node):
+        raise SpecError(f"{key}: {part!r} is neither a key nor a list index of {node!r}")
+    return int(part)
 
 
 def resolve_trial(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """The config of one trial: the base config with the sampled values set at their dotted keys."""
+    """The config of one trial: the base config with the sampled values set at their dotted keys.
+    An ablation's VARIANT_KEY value (a variant's label) stands for that variant's assignments; the
+    trial's config is then the variant's own plain config, without the ablation section."""
     config = copy.deepcopy(base)
-    for key, value in values.items():
-        set_dotted(config, key, value)
+    for key, value in copy.deepcopy(dict(values)).items():  # copies: a value set here must not alias another
+        if key == VARIANT_KEY:
+            from orchestrator.ablation import variant_assignments  # ablation.py builds on this module
+
+            assignments = variant_assignments(config.pop("ablation"), base, value)
+            for variant_key, variant_value in copy.deepcopy(assignments).items():
+                set_dotted(config, variant_key, variant_value)
+        else:
+            set_dotted(config, key, value)
     return config
 
 
@@ -278,13 +351,27 @@ def _check_model(config: dict[str, Any], where: str) -> None:
         raise SpecError(f"{where}: {error}") from None
 
 
-def _check_task(spec: ExperimentSpec) -> None:
+def check_assignment(base: dict[str, Any], assignment: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The base config with `assignment` (dotted key -> value) applied together, validated as a
+    whole (schema and model); errors name `where`."""
+    try:
+        config = resolve_trial(base, assignment)
+        _validate_sections(config)
+    except SpecError as error:
+        raise SpecError(f"{where}: {error}") from None
+    _check_model(config["model"], where)
+    return config
+
+
+def _task_metrics(spec: ExperimentSpec) -> list[str]:
+    """The validation metrics of the spec's task (which must exist)."""
     from workloads.tasks import get_task
 
     try:
-        get_task(spec.task.name, sigma=spec.task.sigma)
+        task = get_task(spec.task.name, sigma=spec.task.sigma)
     except ValueError as error:
         raise SpecError(f"task: {error}") from None
+    return list(task.protocol.metrics)
 
 
 def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
@@ -305,8 +392,12 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
         raise SpecError("search_space: unknown key; write search-space entries in place, e.g. model.glmha.alpha: {grid: [0.4, 0.6]}")
     spec = _validate_sections(raw)
     spec.search_space = space
+    if spec.ablation is not None:
+        from orchestrator.ablation import ablation_space  # ablation.py builds on this module
+
+        spec.search_space = ablation_space(spec)
     base = spec.config()
-    _check_task(spec)
+    task_metrics = _task_metrics(spec)
     _check_model(base["model"], "model")
     for assignment in candidate_assignments(space):
         (key, value), = assignment.items()
@@ -319,14 +410,45 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
                 _validate_sections(trial)
             except SpecError as error:
                 raise SpecError(f"{key}: candidate value {value!r} is invalid: {error}") from None
-    if spec.search.algorithm == "optuna_multi" and not spec.search.objectives:
-        raise SpecError("search.objectives: optuna_multi needs objectives, e.g. {psnr: max, gmacs: min}")
-    if spec.search.algorithm == "grid" and any(d.kind != "grid" for d in space):
+    _check_search(spec, task_metrics)
+    return spec
+
+
+def _check_search(spec: ExperimentSpec, task_metrics: list[str]) -> None:
+    """The search settings fit together and name metrics the trials report."""
+    search, space = spec.search, spec.search_space
+    validation = ["loss", *task_metrics]
+    if search.metric not in validation:
+        raise SpecError(f"search.metric: {search.metric!r} is not reported by task {spec.task.name}; "
+                        f"choose one of: {', '.join(validation)}")
+    if search.algorithm == "optuna_multi":
+        if not search.objectives or len(search.objectives) < 2:
+            raise SpecError("search.objectives: optuna_multi needs two or more objectives, e.g. {psnr: max, conv_gmacs: min}")
+        unknown = sorted(set(search.objectives) - {*validation, *PROFILE_METRICS})
+        if unknown:
+            raise SpecError(f"search.objectives: {', '.join(unknown)} not reported by the trials; "
+                            f"choose from: {', '.join([*validation, *PROFILE_METRICS])}")
+        if search.scheduler != "fifo":
+            raise SpecError("search.scheduler: asha ranks trials by one metric; use scheduler: fifo with optuna_multi")
+    elif search.objectives:
+        raise SpecError(f"search.objectives: only used by algorithm optuna_multi (algorithm is {search.algorithm}); "
+                        "remove it or set algorithm: optuna_multi")
+    if search.algorithm == "grid" and any(d.kind != "grid" for d in space):
         kinds = sorted({d.kind for d in space if d.kind != "grid"})
         raise SpecError(f"search.algorithm: grid takes only {{grid: [...]}} entries, found {', '.join(kinds)}; use random or optuna")
-    if spec.search.scheduler == "pbt" and spec.search.algorithm != "random":
-        raise SpecError("search.scheduler: pbt explores by itself; use it with algorithm: random")
-    return spec
+    if search.algorithm.startswith("optuna"):
+        grids = [d.key for d in space if d.kind == "grid"]
+        if grids:
+            raise SpecError(f"{grids[0]}: optuna samples its own points and takes no {{grid: [...]}} entries; "
+                            "write {choice: [...]} instead")
+        if not space:
+            raise SpecError("search.algorithm: optuna needs a search space; add an entry such as "
+                            "model.glmha.alpha: {uniform: [0.2, 0.8]}")
+    val_every, checkpoint_every = spec.train.val_every, spec.train.checkpoint_every
+    if checkpoint_every % val_every:
+        raise SpecError(f"train.checkpoint_every ({checkpoint_every}) must be a multiple of train.val_every ({val_every}) "
+                        "so that every checkpoint is scored by search.metric; e.g. checkpoint_every: "
+                        f"{val_every * max(1, round(checkpoint_every / val_every))}")
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -357,9 +479,3 @@ def json_schema() -> dict[str, Any]:
         + ", ".join(f"{{{kind}: [...]}}" for kind in DOMAIN_KINDS)
     )
     return schema
-
-
-def grid_assignments(space: list[Domain]) -> list[dict[str, Any]]:
-    """Every combination of the grid entries (the trials of a grid sweep with num_samples 1)."""
-    grid = [d for d in space if d.kind == "grid"]
-    return [dict(zip((d.key for d in grid), combo)) for combo in itertools.product(*(d.values for d in grid))]

@@ -1,6 +1,8 @@
 """Fixtures shared by the training, sweep and registry tests."""
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,13 @@ def derain_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("rain")
     write_dataset(root, get_task("deraining"), count=20, size=48, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
+    """A Ray head for one test module (`ray start --head`, dashboard on 127.0.0.1, a token of its
+    own, tests/servers.py): its dashboard URL and the environment its clients need."""
+    from servers import ray_env, ray_head
+
+    with tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as root, ray_head(Path(root)) as url:
+        yield url, ray_env(Path(root))

@@ -1,4 +1,6 @@
-"""`restorch models list` and `restorch models profile NAME --set key=value --size 256`."""
+"""`restorch models list`, `restorch models profile NAME --set key=value --size 256` and
+`restorch models zoo` (every model, and Restormer with each channel attention: the comparison of the
+GLMHA paper's Tables 1-4)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ from typing import Any
 import yaml
 
 from models import build_model, list_models
+from models.attention import ATTENTIONS
 from models.profile import ModelProfile, profile_model
 
 
@@ -50,6 +53,13 @@ def profile_configs(configs: list[dict[str, Any]], size: int) -> str:
     return f"{format_profile_table(rows)}\n{note}"
 
 
+def zoo_configs() -> list[dict[str, Any]]:
+    configs: list[dict[str, Any]] = [{"name": name} for name in list_models()]
+    configs += [{"name": "restormer", "attention": name} for name in ATTENTIONS if name != "csa"]
+    configs.append({"name": "mst_plus_plus", "attention": "glmha"})
+    return configs
+
+
 def _list(args: argparse.Namespace) -> int:
     for name, defaults in list_models().items():
         print(f"{name}:")
@@ -63,6 +73,11 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    print(profile_configs(zoo_configs(), args.size))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="list and profile the registered models")
     commands = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -72,3 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     profile.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model option, e.g. glmha.kv_reduction=0.5")
     profile.add_argument("--size", type=int, default=256, help="input height and width (default 256)")
     profile.set_defaults(handler=_profile)
+    zoo = commands.add_parser("zoo", help="profile every model, and Restormer with each channel attention")
+    zoo.add_argument("--size", type=int, default=256, help="input height and width (default 256)")
+    zoo.set_defaults(handler=_zoo)

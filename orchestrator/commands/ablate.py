@@ -1,0 +1,37 @@
+"""`restorch ablate spec.yaml`: run an ablation study (orchestrator/ablation.py) and write its report."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from orchestrator.commands.report import DEFAULT_REPORTS, print_report
+from orchestrator.spec import SpecError, load_spec
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.ablation_run import run_ablation
+    from orchestrator.report import build_report, publish_report, write_report
+
+    spec = load_spec(args.spec)
+    if spec.ablation is None:
+        raise SpecError(f"{args.spec} has no ablation: section; `restorch sweep` runs other specs")
+    run = run_ablation(spec, address=args.address, yes=args.yes)
+    client = MlflowClient(run.uri)
+    report = build_report(client, run.parent_run_id)
+    folder = write_report(report, args.out or Path(DEFAULT_REPORTS) / spec.name)
+    publish_report(client, run.parent_run_id, folder)
+    print_report(folder)
+    print(f"also logged to MLflow run {run.parent_run_id} (artifacts report/); rebuild anywhere with "
+          f"`restorch report {spec.name}`")
+    return 1 if run.errors else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ablate = subparsers.add_parser("ablate", help="run an ablation study from a spec's ablation: section, with its report")
+    ablate.add_argument("spec", help="experiment spec with an ablation: section (examples: workloads/recipes/)")
+    ablate.add_argument("--out", type=Path, help=f"report folder (default {DEFAULT_REPORTS}/NAME)")
+    ablate.add_argument("--yes", action="store_true", help="launch even more than search.max_trials trials")
+    ablate.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    ablate.set_defaults(handler=_ablate)

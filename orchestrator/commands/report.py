@@ -1,0 +1,34 @@
+"""`restorch report NAME|RUN_ID`: rebuild an ablation's paper-style report from MLflow alone."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_REPORTS = "reports"
+
+
+def print_report(folder: Path) -> None:
+    """The Markdown table of the report in `folder`, and where its files are."""
+    from orchestrator.report import MARKDOWN_FILE
+
+    print((folder / MARKDOWN_FILE).read_text())
+    print(f"report: {folder} (table.csv, table.md, table.tex, report.html, plots)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import build_report, write_report
+    from orchestrator.tracking import resolve_uri
+
+    report = build_report(MlflowClient(resolve_uri(args.tracking_uri)), args.ablation)
+    print_report(write_report(report, args.out or Path(DEFAULT_REPORTS) / report.name))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    report = subparsers.add_parser("report", help="rebuild an ablation's report (tables, plots, HTML) from MLflow alone")
+    report.add_argument("ablation", metavar="NAME|RUN_ID", help="the ablation's name (its latest run) or parent run id")
+    report.add_argument("--out", type=Path, help=f"report folder (default {DEFAULT_REPORTS}/NAME)")
+    report.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    report.set_defaults(handler=_report)

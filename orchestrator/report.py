@@ -1,0 +1,209 @@
+"""Paper-style ablation reports, built from MLflow alone (`restorch report NAME|RUN_ID`).
+
+Everything comes from the tracking store, never from local Ray results, so a report can be rebuilt
+on any machine pointed at the tracking server:
+- the ablation's parent run (by run id, or the latest run whose ABLATION_TAG is NAME) holds the
+  spec it ran (`spec.yaml`); its ablation section gives the variants, in table order;
+- the child runs, tagged with their variant (orchestrator/ablation_run.py), hold the numbers; only
+  FINISHED runs count.
+
+`build_report` makes one row per variant (the CSV columns):
+  variant, factor, baseline, runs (finished runs: one per seed)
+  conv_gmacs, params_m (+ _delta_pct: % change vs the baseline row), total_gmacs   (models.profile)
+  each task metric (psnr, ssim, ...): its final validation value, mean over the runs; + _std, the
+      sample standard deviation when there are two or more runs
+  images_per_s: the median of each run's training reports, mean over the runs
+  cpu_hours (gpu_hours with use_gpu): the run's wall time x the CPUs (GPUs) of its workers, mean
+`write_report` writes table.csv (numbers at full precision and nothing time-dependent, so that a
+rebuild is byte-identical), table.md, table.tex, report.html and the plots (report_formats.py,
+report_plots.py); `publish_report` logs them to the parent run under `report/`.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from orchestrator.ablation import ABLATION_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.results import Row, to_csv
+from orchestrator.spec import PROFILE_METRICS, ExperimentSpec, parse_spec
+from orchestrator.tracking import PARENT_TAG
+
+LOWER_IS_BETTER = ("mrae", "rmse", "loss")
+CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE = "table.csv", "table.md", "table.tex", "report.html"
+REPORT_ARTIFACTS = "report"  # the folder of the parent run's artifacts that holds the report
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+Curve = list[tuple[int, float]]  # (iteration, value)
+
+
+@dataclass
+class Report:
+    spec: ExperimentSpec
+    parent_run_id: str
+    metrics: list[str]  # the task's validation metrics
+    rows: list[Row]  # one per variant, baseline first
+    columns: list[str]  # the CSV columns
+    curves: dict[str, list[dict[str, Curve]]]  # variant label -> per finished run: metric -> its history
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def trained(self) -> bool:
+        return not self.spec.ablation.profile_only
+
+    @property
+    def hours_key(self) -> str:
+        return "gpu_hours" if self.spec.resources.use_gpu else "cpu_hours"
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the plots show: the search metric if the task reports it, else the task's first."""
+        return self.spec.search.metric if self.spec.search.metric in self.metrics else self.metrics[0]
+
+
+def better(metric: str) -> str:
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+# ------------------------------------------------------------------------------------------------
+# reading MLflow
+
+
+def find_ablation_run(client: MlflowClient, reference: str) -> Run:
+    """The parent run with this id, or the latest one of the ablation with this name."""
+    if _RUN_ID.match(reference):
+        try:
+            run = client.get_run(reference)
+        except MlflowException:
+            run = None
+        if run is not None:
+            if ABLATION_TAG not in run.data.tags:
+                raise ValueError(f"run {reference} is not the parent run of an ablation (it has no {ABLATION_TAG} tag); "
+                                 "give an ablation's name or its parent run id")
+            return run
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{ABLATION_TAG}` = '{reference}'", max_results=1,
+                               order_by=["attributes.start_time DESC"]) if experiments and _NAME.match(reference) else []
+    if not found:
+        known = client.search_runs(experiments, f"tags.`{ABLATION_TAG}` LIKE '%'") if experiments else []
+        names = sorted({run.data.tags[ABLATION_TAG] for run in known})
+        raise FileNotFoundError(f"no ablation called {reference!r} (nor a run with that id) in {client.tracking_uri}; "
+                                f"ablations there: {', '.join(names) or 'none'}")
+    return found[0]
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10000)
+
+
+def _logged_spec(client: MlflowClient, run: Run) -> ExperimentSpec:
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run.info.run_id, "spec.yaml", folder)
+        raw = yaml.safe_load(Path(path).read_text())
+    return parse_spec(raw, source=f"spec.yaml of run {run.info.run_id}")
+
+
+def _history(client: MlflowClient, run_id: str, metric: str) -> Curve:
+    """The metric by iteration, the last value logged at each (a resumed run may log one twice)."""
+    points = sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+    return sorted({m.step: m.value for m in points}.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _devices(spec: ExperimentSpec) -> float:
+    resources = spec.resources
+    per_worker = (resources.gpus_per_worker or 1) if resources.use_gpu else resources.cpus_per_worker
+    return resources.num_workers * per_worker
+
+
+def _variant_row(report: Report, variant: Variant, runs: list[Run], throughput: list[Curve]) -> Row:
+    row: Row = {"variant": variant.label, "factor": variant.factor, "baseline": variant.baseline, "runs": len(runs)}
+    row.update({key: runs[0].data.metrics.get(key) if runs else None for key in PROFILE_METRICS})
+    if not report.trained:
+        return row
+    for metric in report.metrics:
+        values = [run.data.metrics[metric] for run in runs if metric in run.data.metrics]
+        row[metric] = _mean(values)
+        row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    row["images_per_s"] = _mean([statistics.median(value for _, value in curve) for curve in throughput if curve])
+    row[report.hours_key] = _mean([(run.info.end_time - run.info.start_time) / 3.6e6 * _devices(report.spec)
+                                   for run in runs])
+    return row
+
+
+def _add_deltas(rows: list[Row]) -> None:
+    """Δ% of the model size vs the baseline row (the first)."""
+    baseline = rows[0]
+    for row in rows:
+        for key in ("conv_gmacs", "params_m"):
+            value, reference = row.get(key), baseline.get(key)
+            row[f"{key}_delta_pct"] = None if value is None or not reference else (value - reference) / reference * 100
+
+
+def build_report(client: MlflowClient, reference: str) -> Report:
+    """The report of the ablation `reference` (its name or parent run id), from MLflow alone."""
+    from workloads.tasks import get_task
+
+    parent = find_ablation_run(client, reference)
+    spec = _logged_spec(client, parent)
+    metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
+    columns = ["variant", "factor", "baseline", "runs", "conv_gmacs", "conv_gmacs_delta_pct", "params_m",
+               "params_m_delta_pct", "total_gmacs"]
+    report = Report(spec, parent.info.run_id, metrics, [], columns, {})
+    if report.trained:
+        report.columns += [*(key for metric in metrics for key in (metric, f"{metric}_std")), "images_per_s",
+                           report.hours_key]
+    finished: dict[str, list[Run]] = {}
+    for run in sorted(child_runs(client, parent.info.run_id), key=lambda run: run.info.start_time):
+        if run.info.status == "FINISHED" and VARIANT_TAG in run.data.tags:
+            finished.setdefault(run.data.tags[VARIANT_TAG], []).append(run)
+    for variant in spec_variants(spec):
+        runs = finished.get(variant.label, [])
+        curves = [{metric: _history(client, run.info.run_id, metric)
+                   for metric in ("loss", "images_per_s", report.primary_metric)} for run in runs] if report.trained else []
+        report.curves[variant.label] = curves
+        report.rows.append(_variant_row(report, variant, runs, [curve["images_per_s"] for curve in curves]))
+    _add_deltas(report.rows)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# the files
+
+
+def write_report(report: Report, folder: Path) -> Path:
+    """The report's files in `folder`: table.csv/.md/.tex, report.html and the plots (PNG + SVG)."""
+    from orchestrator.report_formats import html_page, latex_table, markdown_table
+    from orchestrator.report_plots import draw_plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = draw_plots(report, folder)
+    files = {CSV_FILE: to_csv(report.rows, report.columns), MARKDOWN_FILE: markdown_table(report),
+             LATEX_FILE: latex_table(report), HTML_FILE: html_page(report, folder, plots)}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def publish_report(client: MlflowClient, parent_run_id: str, folder: Path) -> None:
+    """Log the report's files to the ablation's parent run (artifacts under report/)."""
+    client.log_artifacts(parent_run_id, str(folder), REPORT_ARTIFACTS)

@@ -1,0 +1,73 @@
+"""What an experiment of `restorch serve` produced, read from its storage folder (and MLflow):
+
+- train: the metrics reported with the job's latest checkpoint (Ray Train's result in
+  `{storage}/{name}`) and that checkpoint's location;
+- sweep, ablate: one row per trial (Tune state, searched values, last metric, MLflow run status:
+  orchestrator/status.py), the best trial by `search.metric`, and the report files the sweep writes
+  when it ends (results.csv, best_spec.yaml).
+
+Every value is plain JSON: non-finite floats (a diverged loss) become None.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestrator.results import sort_rows
+from orchestrator.spec import ExperimentSpec
+from orchestrator.storage import filesystem
+
+
+def experiment_folder(spec: ExperimentSpec) -> str:
+    return f"{spec.storage.path.rstrip('/')}/{spec.name}"
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars made Python ones and NaN/inf made None."""
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def train_result(spec: ExperimentSpec) -> dict[str, Any] | None:
+    """The job's latest checkpoint and the metrics reported with it; None before the first one."""
+    from ray.train import Result
+
+    fs, path = filesystem(experiment_folder(spec), spec.storage.endpoint_url)
+    try:
+        result = Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no run folder or no checkpoint yet
+        return None
+    return jsonable({"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None})
+
+
+def sweep_result(spec: ExperimentSpec) -> dict[str, Any] | None:
+    """The sweep's trials and its best trial so far; None before the sweep has saved its spec."""
+    from orchestrator.status import sweep_trials
+
+    try:
+        _, rows = sweep_trials(experiment_folder(spec))
+    except FileNotFoundError:
+        return None
+    ranked = sort_rows(rows, spec.search.metric, spec.search.mode)
+    best = ranked[0] if ranked and ranked[0].get(spec.search.metric) is not None else None
+    return jsonable({"trials": rows, "best": best})
+
+
+def report_files(spec: ExperimentSpec) -> dict[str, str]:
+    """The report files of a sweep or ablation that exist in its folder (name -> text)."""
+    import pyarrow.fs
+
+    from orchestrator.sweep import BEST_SPEC_FILE, RESULTS_FILE
+
+    fs, path = filesystem(experiment_folder(spec), spec.storage.endpoint_url)
+    files = {}
+    for name in (RESULTS_FILE, BEST_SPEC_FILE):
+        if fs.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(f"{path}/{name}") as stream:
+                files[name] = stream.read().decode()
+    return files

@@ -1,0 +1,54 @@
+"""`restorch status`: the sweeps in a storage folder and their trials' states, read from Tune's
+experiment state in storage and from the sweep's MLflow runs (nothing is started or created)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.fs
+
+from orchestrator.results import Row
+from orchestrator.spec import ExperimentSpec
+from orchestrator.storage import filesystem
+from orchestrator.sweep import read_stored_spec
+from orchestrator.tracking import trial_statuses
+
+
+def _trials(folder: str) -> list[Any]:
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return ExperimentAnalysis(folder).trials
+    except (ValueError, FileNotFoundError):  # the sweep was stopped before Tune saved any state
+        return []
+
+
+def list_sweeps(storage: str) -> list[Row]:
+    """One row per sweep in `storage`: name, trials per Tune state."""
+    fs, root = filesystem(storage)
+    folders = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+               if info.type == pyarrow.fs.FileType.Directory]
+    rows = []
+    for name in sorted(folders):
+        folder = f"{storage}/{name}"
+        if read_stored_spec(folder) is None:
+            continue  # a `restorch train` job, not a sweep
+        states = [trial.status for trial in _trials(folder)]
+        rows.append({"sweep": name, "trials": len(states),
+                     **{state.lower(): states.count(state) for state in ("PENDING", "RUNNING", "TERMINATED", "ERROR")}})
+    return rows
+
+
+def sweep_trials(folder: str) -> tuple[ExperimentSpec, list[Row]]:
+    """The spec of the sweep stored in `folder` and one row per trial: Tune state, searched values,
+    last iteration and metric, MLflow run status."""
+    spec = read_stored_spec(folder)
+    if spec is None:
+        raise FileNotFoundError(f"no sweep in {folder} (it holds no spec.yaml); `restorch status` lists the sweeps")
+    mlflow_status = trial_statuses(spec, folder)
+    rows = []
+    for trial in _trials(folder):
+        last = trial.last_result or {}
+        rows.append({"trial": trial.trial_id, "tune": trial.status, **{d.key: trial.config.get(d.key) for d in spec.search_space},
+                     "iteration": last.get("iteration"), spec.search.metric: last.get(spec.search.metric),
+                     "mlflow": mlflow_status.get(trial.trial_id, "-")})
+    return spec, rows

@@ -1,0 +1,121 @@
+"""Running restorch on a Ray cluster through the Ray Jobs API (the head's dashboard port, 8265).
+
+`submit_spec` checks the spec here, then submits `python -m orchestrator.cli <kind> <spec>` as a Ray
+job. The job's runtime environment carries the spec file (its working directory) and, unless
+`installed=True`, this checkout's restorch packages (models, workloads, orchestrator), which then
+take precedence on every node over a restorch installed there: the cluster needs only restorch's
+dependencies (clusters/ installs them), and code edited here runs there without rebuilding nodes.
+
+The address comes from `--address` or $RAY_ADDRESS (as for `ray job submit`). A head with token
+authentication (clusters/, and `ray start` where ~/.ray/auth_token exists) also needs the token on
+this side: RAY_AUTH_MODE=token with the token in ~/.ray/auth_token or $RAY_AUTH_TOKEN.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import models
+import orchestrator
+import workloads
+from orchestrator.spec import ExperimentSpec, SpecError, load_spec
+
+KINDS = ("train", "sweep", "ablate")
+ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's client reads these before its argument
+PACKAGES = (models, workloads, orchestrator)
+EXCLUDES = ["__pycache__", "*.pyc"]
+CONNECT_TIMEOUT_S = 10
+
+
+class ClusterError(ValueError):
+    """The cluster cannot be reached or refused a request; the message says what to do."""
+
+
+def resolve_address(address: str | None) -> str:
+    """The head's dashboard address: `address`, else $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS."""
+    from_env = next((os.environ[name] for name in ADDRESS_ENVS if os.environ.get(name)), None)
+    if address and from_env and address.rstrip("/") != from_env.rstrip("/"):
+        raise ClusterError(f"--address {address} and ${'/$'.join(ADDRESS_ENVS)} = {from_env} disagree (Ray's job "
+                           "client would use the variable); unset it or pass the same address")
+    address = (address or from_env or "").rstrip("/")
+    if not address:
+        raise ClusterError("no cluster given: pass --address http://HEAD:8265 (the head's dashboard) or set RAY_ADDRESS")
+    return address if "://" in address else f"http://{address}"
+
+
+def connect(address: str | None) -> Any:
+    """A `JobSubmissionClient` for the head at `address`, after checking that the head answers."""
+    import requests
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        requests.get(f"{url}/api/version", timeout=CONNECT_TIMEOUT_S)
+    except requests.RequestException as error:
+        raise ClusterError(f"no Ray head answers at {url} ({type(error).__name__}): start the cluster "
+                           "(clusters/README.md) or fix --address / $RAY_ADDRESS") from None
+    try:
+        return JobSubmissionClient(url)
+    except AuthenticationError as error:
+        raise ClusterError(f"the Ray head at {url} requires its token: set RAY_AUTH_MODE=token and put the head's "
+                           f"token (`ray get-auth-token` there) in ~/.ray/auth_token or $RAY_AUTH_TOKEN ({error})") from None
+
+
+def check_paths_for_cluster(spec: ExperimentSpec) -> None:
+    """Paths in a submitted spec are read on the cluster's nodes, not here: they must be absolute (or URIs)."""
+    for key in ("train", "val"):
+        path = getattr(spec.data, key)
+        if not Path(path).is_absolute():
+            raise SpecError(f"data.{key}: {path} is relative, but the job runs on the cluster; give the dataset's "
+                            "absolute path on the cluster's nodes")
+    storage = spec.storage.path
+    if "://" not in storage and not Path(storage).is_absolute():
+        raise SpecError(f"storage.path: {storage} is relative, but the job runs on the cluster; give an s3:// prefix "
+                        "or a folder every node mounts (absolute path)")
+
+
+def runtime_env(spec_dir: Path, *, installed: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {"working_dir": str(spec_dir), "excludes": EXCLUDES}
+    if not installed:
+        env["py_modules"] = [str(Path(package.__file__).parent) for package in PACKAGES]
+    return env
+
+
+def submit_spec(spec_file: str | Path, *, kind: str | None, address: str | None, installed: bool = False) -> tuple[Any, str]:
+    """Submit `restorch <kind> <spec>` to the cluster (kind None: sweep if the spec has a search space,
+    else train); returns the client and the job's submission id."""
+    client = connect(address)
+    spec_file = Path(spec_file)
+    spec = load_spec(spec_file)
+    check_paths_for_cluster(spec)
+    kind = kind or ("sweep" if spec.search_space else "train")
+    if kind not in KINDS:
+        raise SpecError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    with tempfile.TemporaryDirectory(prefix="restorch-submit-") as spec_dir:
+        shutil.copy(spec_file, Path(spec_dir) / spec_file.name)
+        job_id = client.submit_job(
+            entrypoint=f"python -m orchestrator.cli {kind} {spec_file.name}",
+            runtime_env=runtime_env(Path(spec_dir), installed=installed),
+            submission_id=f"restorch-{kind}-{spec.name}-{uuid.uuid4().hex[:6]}",
+            metadata={"restorch_kind": kind, "restorch_spec": spec.name},
+        )
+    return client, job_id
+
+
+def follow(client: Any, job_id: str, out: TextIO = sys.stdout) -> str:
+    """Print the job's logs as they come until it ends; returns its final status."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())
+    return str(client.get_job_status(job_id).value)

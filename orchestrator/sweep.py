@@ -1,0 +1,274 @@
+"""`restorch sweep`: a Ray Tune search in which every trial is one Ray Train job.
+
+The sweep driver (`run_sweep`) validates everything, starts or joins Ray, opens the sweep's MLflow
+parent run and runs a Tuner (or restores it, when a sweep of the same name is in storage) over
+`run_trial`, a Tune function trainable. Each trial:
+1. resolves its config (the spec with the sampled values at their dotted keys) and profiles the model;
+2. finds or creates its MLflow child run (orchestrator/tracking.py);
+3. builds and fits its own TorchTrainer (orchestrator/jobs.py) named after the trial id, so that a
+   re-run of the trial (after an error, or when the sweep is resumed) resumes the job from its last
+   checkpoint (Ray Train V2 resumes a run of the same name and storage);
+4. forwards the job's validation reports to Tune (`TrialReportCallback`), with the model's size.
+
+Layout in storage: `{storage}/{name}/` is Tune's experiment folder, plus `spec.yaml` (the spec the
+sweep was started with), `jobs/{trial id}/checkpoint_*` (each trial's job) and, at the end,
+`results.csv` and `best_spec.yaml` (the best trial as a spec for `restorch train`).
+
+Resources: a trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
+embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs.
+A cluster joined with `--address` must define `trial_slot` itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
+from orchestrator.progress import ProgressTable
+from orchestrator.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
+from orchestrator.spec import Domain, ExperimentSpec, SpecError, check_trial_limit, parse_spec, resolve_trial
+from orchestrator.storage import filesystem, ray_storage
+from orchestrator.tracking import TrialStatusCallback, close_sweep_run, open_sweep_run, open_trial_run, resolve_uri
+
+TRIAL_RESOURCE = "trial_slot"
+PROFILE_SIZE = 256  # input size for the model-size metrics (the papers' tables use 256x256)
+SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
+
+
+@dataclass
+class SweepOutcome:
+    spec: ExperimentSpec
+    path: str  # the sweep's folder in storage
+    rows: list[Row]  # one per trial, best first
+    columns: list[str]
+    pareto: list[Row]  # optuna_multi only
+    errors: int
+    parent_run_id: str  # the sweep's MLflow parent run
+
+    def report(self) -> str:
+        """The results table, the best trial and (multi-objective) the Pareto set, as text."""
+        lines = [f"sweep {self.spec.name}: {len(self.rows)} trials, sorted by {self.spec.search.metric} "
+                 f"({self.spec.search.mode})", format_table(self.rows, self.columns)]
+        if self.pareto:
+            objectives = self.spec.search.objectives or {}
+            lines += [f"\nPareto set over {', '.join(f'{k} ({v})' for k, v in objectives.items())}:",
+                      format_table(self.pareto, ["trial", *(d.key for d in self.spec.search_space), *objectives])]
+        if self.rows and self.rows[0].get(self.spec.search.metric) is not None:
+            best = self.rows[0]
+            values = ", ".join(f"{d.key}={best[d.key]}" for d in self.spec.search_space)
+            lines.append(f"\nbest trial {best['trial']}: {values} ({self.spec.search.metric} "
+                         f"{best[self.spec.search.metric]:.4f}); its full spec: {self.path}/{BEST_SPEC_FILE}")
+        lines.append(f"results: {self.path}/{RESULTS_FILE}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trial (runs in a Tune trial actor)
+
+
+class TrialReportCallback(TuneReportCallback):
+    """Forwards the job's validation reports (those holding `validation_metric`) to Tune, with the
+    model's size metrics added; the other reports (loss logging) go to MLflow only."""
+
+    def __init__(self, validation_metric: str, extra: dict[str, float]) -> None:
+        super().__init__()
+        self.validation_metric, self.extra = validation_metric, extra
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self.validation_metric in metrics[0]:
+            super().after_report(run_context, [{**metrics[0], **self.extra}], checkpoint)
+
+
+def model_profile(model_config: dict[str, Any]) -> dict[str, float]:
+    """params_m, conv_gmacs, total_gmacs of the model at PROFILE_SIZE (shapes only, on the meta device)."""
+    import torch
+
+    from models import build_model
+    from models.profile import profile_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    profile = profile_model(model, size=PROFILE_SIZE)
+    return {"params_m": profile.params / 1e6, "conv_gmacs": profile.conv_gmacs, "total_gmacs": profile.total_gmacs}
+
+
+def _plain(value: Any) -> Any:
+    """Tune/optuna samples may be numpy scalars; the spec and YAML want Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[str, str], jobs_path: str,
+              validation_metric: str) -> None:
+    """Tune function trainable: one trial = one Ray Train job with the trial's values."""
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}))
+    profile = model_profile(spec.model)
+    run_id, finished = open_trial_run(tracking, trial_id, context.get_trial_name())
+    if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
+        tune.report({**finished, **profile})
+        return
+    config = job_config(spec, trial_id, jobs_path)
+    config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id, "profile": profile}
+    callback = TrialReportCallback(validation_metric, profile)
+    make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
+
+
+# ------------------------------------------------------------------------------------------------
+# the sweep driver
+
+
+def tune_domain(domain: Domain) -> Any:
+    """The Tune search-space object of a spec entry (the kinds are named after Tune's functions)."""
+    if domain.kind == "grid":
+        return tune.grid_search(domain.values)
+    if domain.kind == "choice":
+        return tune.choice(domain.values)
+    return getattr(tune, domain.kind)(*domain.values)  # uniform, loguniform, randint, quniform
+
+
+def _search_algorithm(spec: ExperimentSpec) -> Any:
+    """The searcher, limited to max_concurrent_trials trials at once."""
+    search = spec.search
+    if search.algorithm in ("random", "grid"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.train.seed, max_concurrent=search.max_concurrent_trials)
+    from optuna.samplers import TPESampler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = TPESampler(seed=spec.train.seed)
+    if search.algorithm == "optuna":
+        searcher = OptunaSearch(sampler=sampler)
+    else:
+        objectives = search.objectives or {}
+        searcher = OptunaSearch(metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
+
+
+def _scheduler(spec: ExperimentSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.search.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="iteration", max_t=spec.train.iterations,
+                         grace_period=spec.search.grace_period * spec.train.val_every,
+                         reduction_factor=spec.search.reduction_factor)
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _write(folder: str, name: str, text: str, endpoint_url: str | None) -> None:
+    fs, path = filesystem(folder, endpoint_url)
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/{name}") as stream:
+        stream.write(text.encode())
+
+
+def read_stored_spec(folder: str, endpoint_url: str | None = None) -> ExperimentSpec | None:
+    """The spec a sweep in storage was started with, or None if there is none."""
+    fs, path = filesystem(folder, endpoint_url)
+    if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{SPEC_FILE}") as stream:
+        return parse_spec(yaml.safe_load(stream.read().decode()), source=f"{folder}/{SPEC_FILE}")
+
+
+def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str) -> Any:
+    trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, jobs_path=f"{folder}/jobs",
+                                     validation_metric=validation_metric)
+    return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})
+
+
+def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str]) -> Any:
+    search = spec.search
+    single = search.algorithm != "optuna_multi"
+    tune_config = tune.TuneConfig(
+        search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
+        metric=search.metric if single else None,
+        mode=search.mode if single else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+    )
+    storage_path, storage_filesystem = ray_storage(spec.storage.path, spec.storage.endpoint_url)
+    run_config = tune.RunConfig(
+        name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
+        stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
+        callbacks=[TrialStatusCallback(tracking), ProgressTable([d.key for d in spec.search_space], task_metrics)],
+    )
+    param_space = {domain.key: tune_domain(domain) for domain in spec.search_space}
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _pinned(spec: ExperimentSpec) -> ExperimentSpec:
+    """Paths and the tracking URI made absolute: the sweep means the same from any working directory."""
+    spec = pin_paths(spec)
+    tracking = spec.tracking.model_copy(update={"uri": resolve_uri(spec.tracking.uri)})
+    return spec.model_copy(update={"tracking": tracking})
+
+
+def _check_trial_slots() -> None:
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) < 1:
+        raise SpecError(f"the Ray cluster has no {TRIAL_RESOURCE!r} resource, which sweep trials reserve instead of "
+                        f"CPUs; start its head with `ray start --head --resources '{{\"{TRIAL_RESOURCE}\": N}}'` "
+                        "(N = trials at once)")
+
+
+def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = False) -> SweepOutcome:
+    """Run the sweep, or resume it when a sweep of the same name is in storage."""
+    from workloads.tasks import get_task
+
+    check_trial_limit(spec, yes=yes)
+    preflight(spec, address)
+    spec = _pinned(spec)
+    folder = f"{spec.storage.path}/{spec.name}"
+    stored = read_stored_spec(folder, spec.storage.endpoint_url)
+    if stored is not None and stored.as_written() != spec.as_written():
+        raise SpecError(f"name: a different sweep named {spec.name!r} is in {folder}; rename this one, "
+                        f"or resume that one with `restorch sweep --resume {spec.name}`")
+    task_metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
+
+    init_ray(address, local_resources={TRIAL_RESOURCE: spec.search.max_concurrent_trials})
+    check_cluster_resources(spec)
+    _check_trial_slots()
+    storage_path, storage_filesystem = ray_storage(folder, spec.storage.endpoint_url)
+    resume = tune.Tuner.can_restore(storage_path, storage_filesystem=storage_filesystem)
+    tracking = open_sweep_run(spec, folder, resume=resume)
+    trainable = _trainable(spec, tracking, folder, task_metrics[0])
+    if resume:
+        print(f"resuming sweep {spec.name} from {folder}", flush=True)
+        tuner = tune.Tuner.restore(storage_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_filesystem)
+    else:
+        _write(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
+        tuner = _new_tuner(spec, trainable, tracking, task_metrics)
+    grid = tuner.fit()
+
+    rows = trial_rows(grid, spec, task_metrics)
+    columns = result_columns(spec, task_metrics)
+    pareto = pareto_front(rows, spec.search.objectives) if spec.search.algorithm == "optuna_multi" else []
+    outcome = SweepOutcome(spec, folder, rows, columns, pareto, errors=sum(row["status"] == "error" for row in rows),
+                           parent_run_id=tracking["parent_run_id"])
+    _finish(outcome, tracking)
+    return outcome
+
+
+def _finish(outcome: SweepOutcome, tracking: dict[str, str]) -> None:
+    """results.csv and best_spec.yaml into storage and onto the parent run, which ends here."""
+    spec, best = outcome.spec, outcome.rows[0] if outcome.rows else {}
+    files = {RESULTS_FILE: to_csv(outcome.rows, outcome.columns)}
+    if best.get(spec.search.metric) is not None:
+        best_spec = resolve_trial(spec.config(), {d.key: best[d.key] for d in spec.search_space})
+        best_spec["name"] = f"{spec.name}-best"
+        files[BEST_SPEC_FILE] = yaml.safe_dump(best_spec, sort_keys=False)
+    for name, text in files.items():
+        _write(outcome.path, name, text, spec.storage.endpoint_url)
+    close_sweep_run(tracking, failed=outcome.errors > 0, files=files, best=best)

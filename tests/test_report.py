@@ -1,0 +1,199 @@
+"""Ablation reports from MLflow: the numbers (means over seeds, Δ%, throughput, CPU-hours), the
+LaTeX table (parsed), the HTML page (opened in headless Chromium), and, end to end, a trained
+one-at-a-time ablation whose report `restorch report` rebuilds byte for byte in a fresh folder."""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import TINY_RESTORMER
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from servers import BIN
+
+from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, spec_variants
+from orchestrator.cli import main
+from orchestrator.report import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report
+from orchestrator.spec import parse_spec
+from orchestrator.tracking import PARENT_TAG, open_sweep_run
+
+PLOTS = ("pareto", "delta", "curves")
+HOUR_MS = 3_600_000
+
+
+def ablation_spec(name: str, data: Path, tmp_path: Path, **ablation: Any) -> dict[str, Any]:
+    """A tiny Restormer: CSA baseline; attention (GLMHA, Performer) and FFN width (x2, x1.5) one at a time."""
+    return {
+        "name": name,
+        "model": dict(TINY_RESTORMER),
+        "task": "deraining",
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 32, "batch_size": 2},
+        "train": {"iterations": 4, "val_every": 2, "checkpoint_every": 4, "log_every": 2, "lr": 2e-3},
+        "search": {"max_concurrent_trials": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "storage": {"path": str(tmp_path / "runs")},
+        "ablation": {
+            "baseline": {"label": "CSA", "set": {"model.attention": "csa"}},
+            "factors": {
+                "attention": [{"label": "GLMHA", "set": {"model.attention": "glmha"}},
+                              {"label": "Performer", "set": {"model.attention": "performer"}}],
+                "ffn": [{"label": "FFN x2", "set": {"model.ffn_expansion_factor": 2.0}},
+                        {"label": "FFN x1.5", "set": {"model.ffn_expansion_factor": 1.5}}],
+            },
+            **ablation,
+        },
+    }
+
+
+def check_latex(text: str, rows: int, columns: int) -> None:
+    """Balanced environments and braces, booktabs rules once each, `rows` body rows of `columns` cells."""
+    stack: list[str] = []
+    for kind, name in re.findall(r"\\(begin|end)\{(\w+)\}", text):
+        if kind == "begin":
+            stack.append(name)
+        else:
+            assert stack and stack.pop() == name, f"\\end{{{name}}} closes nothing"
+    assert not stack, f"unclosed: {stack}"
+    unescaped = re.sub(r"\\[{}]", "", text)
+    assert unescaped.count("{") == unescaped.count("}")
+    assert [text.count(rule) for rule in (r"\toprule", r"\midrule", r"\bottomrule")] == [1, 1, 1]
+    header = text.split("\\toprule\n")[1].split("\n")[0]
+    body = text.split("\\midrule\n")[1].split("\\bottomrule")[0].strip().splitlines()
+    assert len(body) == rows
+    for line in [header, *body]:
+        assert line.endswith(r" \\") and len(re.split(r"(?<!\\)&", line)) == columns, line
+
+
+PROBE = """<script>
+addEventListener("error", event => document.documentElement.dataset.errors =
+  (document.documentElement.dataset.errors || "") + (event.message || "resource failed") + ";", true);
+addEventListener("load", () => document.documentElement.dataset.images = Array.from(document.images)
+  .map(image => image.complete && image.naturalWidth > 0 ? "ok" : "broken").join(","));
+</script>"""
+
+
+def open_in_chromium(page: Path, tmp_path: Path) -> dict[str, str]:
+    """Load the page in headless Chromium with a probe script added; returns what the probe found:
+    `images` ("ok"/"broken" per <img>) and `errors` (script or resource errors)."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("<head>", f"<head>{PROBE}", 1))
+    done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium'}",
+                           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    root = re.search(r"<html[^>]*>", done.stdout)
+    assert root, done.stdout[:500]
+    return dict(re.findall(r'data-(\w+)="([^"]*)"', root.group(0)))
+
+
+def csv_rows(folder: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO((folder / CSV_FILE).read_text())))
+
+
+def test_report_numbers_from_mlflow(tmp_path: Path) -> None:
+    """Child runs written as the sweep writes them (two seeds per variant, one failed run): means,
+    sample std, Δ%, median throughput and CPU-hours; the files; the HTML page in Chromium."""
+    spec = parse_spec(ablation_spec("report-numbers", tmp_path, tmp_path, seeds=[1, 2]))
+    tracking = open_sweep_run(spec, str(tmp_path / "runs" / spec.name), resume=False)
+    client = MlflowClient(tracking["uri"])
+    client.set_tag(tracking["parent_run_id"], ABLATION_TAG, spec.name)
+    logged: dict[str, list[float]] = {}
+    for index, variant in enumerate(spec_variants(spec)):
+        for seed in (1, 2, 3):
+            run = client.create_run(tracking["experiment_id"], start_time=1000, tags={
+                PARENT_TAG: tracking["parent_run_id"], VARIANT_TAG: variant.label, FACTOR_TAG: variant.factor,
+                SEED_TAG: str(seed)})
+            psnr = 20.0 + index + seed / 10
+            metrics = {"params_m": 0.2 - index / 100, "conv_gmacs": 1.3 + index / 10, "total_gmacs": 1.5,
+                       "psnr": psnr, "ssim": 0.5 + seed / 100}
+            history = [Metric(key, value, 0, 4) for key, value in metrics.items()]
+            history += [Metric("loss", 1 / step, 0, step) for step in (2, 4)]
+            history += [Metric("images_per_s", value, 0, step) for step, value in ((2, 1.0), (4, 3.0), (6, 20.0))]
+            client.log_batch(run.info.run_id, metrics=history)
+            failed = seed == 3  # a third, failed run of every variant: not counted
+            client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED", end_time=1000 + HOUR_MS)
+            if not failed:
+                logged.setdefault(variant.label, []).append(psnr)
+
+    report = build_report(client, spec.name)
+    rows = {row["variant"]: row for row in report.rows}
+    assert list(rows) == ["CSA", "GLMHA", "Performer", "FFN x2", "FFN x1.5"]
+    for label, values in logged.items():
+        row = rows[label]
+        assert row["runs"] == 2
+        assert row["psnr"] == pytest.approx(statistics.fmean(values))
+        assert row["psnr_std"] == pytest.approx(statistics.stdev(values))
+        assert row["images_per_s"] == 3.0 and row["cpu_hours"] == 1.0
+    assert rows["FFN x1.5"]["conv_gmacs_delta_pct"] == pytest.approx((1.7 - 1.3) / 1.3 * 100)
+    assert rows["FFN x1.5"]["params_m_delta_pct"] == pytest.approx((0.16 - 0.2) / 0.2 * 100)
+
+    folder = write_report(report, tmp_path / "report")
+    assert {path.name for path in folder.iterdir()} == {CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE,
+                                                        *(f"{plot}.{kind}" for plot in PLOTS for kind in ("png", "svg"))}
+    markdown = (folder / MARKDOWN_FILE).read_text()
+    assert "| CSA (baseline) |" in markdown and "**24.15 ± 0.07**" in markdown  # FFN x1.5: the best PSNR
+    check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=8)  # Method, Factor, FLOPs ... CPU-h
+    assert open_in_chromium(folder / HTML_FILE, tmp_path) == {"images": "ok,ok,ok"}
+
+
+@pytest.fixture(scope="module")
+def ray_two_slots() -> Any:
+    """One local Ray for the module, with two sweep trial slots."""
+    import ray
+
+    from orchestrator.jobs import init_ray
+    from orchestrator.sweep import TRIAL_RESOURCE
+
+    init_ray(None, local_resources={TRIAL_RESOURCE: 2})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slots: Any) -> None:
+    """2 factors x 2 settings + the baseline, trained: 5 variants, each one child run; the report's
+    numbers are the MLflow metrics; `restorch report` in a fresh folder writes the same CSV."""
+    spec_file = tmp_path / "ablation.yaml"
+    spec_file.write_text(yaml.safe_dump(ablation_spec("tiny-ablation", derain_data, tmp_path)))
+    assert main(["ablate", str(spec_file), "--out", str(tmp_path / "report")]) == 0
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("tiny-ablation").experiment_id],
+                                f"tags.`{ABLATION_TAG}` = 'tiny-ablation'")
+    assert len(parent) == 1
+    children = child_runs(client, parent[0].info.run_id)
+    assert len(children) == 5 and all(child.info.status == "FINISHED" for child in children)
+    by_label = {child.data.tags[VARIANT_TAG]: child for child in children}
+    assert sorted(by_label) == sorted(["CSA", "GLMHA", "Performer", "FFN x2", "FFN x1.5"])
+
+    folder = tmp_path / "report"
+    rows = csv_rows(folder)
+    assert [row["variant"] for row in rows] == ["CSA", "GLMHA", "Performer", "FFN x2", "FFN x1.5"]
+    for row in rows:
+        metrics = by_label[row["variant"]].data.metrics
+        for key in ("psnr", "ssim", "conv_gmacs", "params_m", "total_gmacs"):
+            assert float(row[key]) == metrics[key], (row["variant"], key)
+        assert row["runs"] == "1" and float(row["images_per_s"]) > 0 and float(row["cpu_hours"]) > 0
+    check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=8)
+    assert open_in_chromium(folder / HTML_FILE, tmp_path) == {"images": "ok,ok,ok"}
+    artifacts = {item.path for item in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert {f"report/{name}" for name in (CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE, "pareto.png")} <= artifacts
+
+    fresh = tmp_path / "elsewhere"
+    fresh.mkdir()
+    done = subprocess.run([str(BIN / "restorch"), "report", "tiny-ablation", "--tracking-uri", uri, "--out", "rebuilt"],
+                          cwd=fresh, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (fresh / "rebuilt" / CSV_FILE).read_bytes() == (folder / CSV_FILE).read_bytes()

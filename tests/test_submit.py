@@ -1,0 +1,108 @@
+"""`restorch submit` and `restorch jobs` against a real Ray head started here (`ray start --head`,
+dashboard on 127.0.0.1, token authentication with a token of its own: conftest.ray_cluster)."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_RESTORMER
+from orchestrator.cli import main
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.submit import check_paths_for_cluster, resolve_address
+from servers import BIN, free_port
+
+
+def write_spec(path: Path, data: Path, storage: Path, *, name: str, iterations: int) -> Path:
+    spec = {
+        "name": name,
+        "model": TINY_RESTORMER,
+        "task": "deraining",
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 32, "batch_size": 2},
+        "train": {"iterations": iterations, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+        "storage": {"path": str(storage)},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def restorch(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "restorch"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_to_a_head_that_is_down_fails_at_once(derain_data, tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", derain_data, tmp_path / "runs", name="down", iterations=2)
+    start = time.monotonic()
+    assert main(["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert time.monotonic() - start < 15
+    assert "no Ray head answers at http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_address_comes_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="no cluster given"):
+        resolve_address(None)
+    assert resolve_address("10.0.0.5:8265") == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert resolve_address(None) == resolve_address("http://head:8265/") == "http://head:8265"
+    with pytest.raises(ValueError, match="disagree"):
+        resolve_address("http://other:8265")
+
+
+def test_paths_in_a_submitted_spec_must_mean_the_same_on_the_nodes(derain_data):
+    raw = {"name": "paths", "model": TINY_RESTORMER, "task": "deraining",
+           "data": {"train": str(derain_data / "train"), "val": str(derain_data / "val")}, "storage": {"path": "s3://b/p"}}
+    check_paths_for_cluster(parse_spec(raw))
+    with pytest.raises(SpecError, match="data.train: data/train is relative"):
+        check_paths_for_cluster(parse_spec({**raw, "data": {"train": "data/train", "val": str(derain_data)}}))
+    with pytest.raises(SpecError, match="storage.path: restorch_runs is relative"):
+        check_paths_for_cluster(parse_spec({**raw, "storage": {"path": "restorch_runs"}}))
+
+
+@pytest.mark.slow
+def test_submitted_train_job_succeeds_and_jobs_shows_it(ray_cluster, derain_data, tmp_path):
+    url, env = ray_cluster
+    spec = write_spec(tmp_path / "spec.yaml", derain_data, tmp_path / "runs", name="submitted", iterations=4)
+    submitted = restorch("submit", str(spec), "--address", url, "--follow", env=env)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted.stdout.split("submitted ", 1)[1].split()[0]
+    assert "[restorch] iter 4/4" in submitted.stdout
+    assert f"{job_id}: SUCCEEDED" in submitted.stdout
+    assert (tmp_path / "runs" / "submitted" / "checkpoint_0000004" / "model.pt").exists()
+
+    listed = restorch("jobs", "list", "--address", url, env=env)
+    assert any(line.split()[:2] == [job_id, "SUCCEEDED"] for line in listed.stdout.splitlines()), listed.stdout
+    logs = restorch("jobs", "logs", job_id, "--address", url, env=env)
+    assert "[restorch] iter 4/4" in logs.stdout
+
+    # Without the head's token the client is refused, with a message that says what to do.
+    no_token = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH")}
+    refused = restorch("jobs", "list", "--address", url, env=no_token)
+    assert refused.returncode == 2
+    assert "requires its token" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_running_job_can_be_stopped(ray_cluster, derain_data, tmp_path):
+    url, env = ray_cluster
+    spec = write_spec(tmp_path / "spec.yaml", derain_data, tmp_path / "runs", name="stopped", iterations=10_000)
+    submitted = restorch("submit", str(spec), "--address", url, env=env)
+    job_id = submitted.stdout.split("submitted ", 1)[1].split()[0]
+    with subprocess.Popen([str(BIN / "restorch"), "jobs", "logs", job_id, "--follow", "--address", url], env=env,
+                          stdout=subprocess.PIPE, text=True) as follow:
+        try:
+            for line in follow.stdout:
+                # Stop once training runs (a worker stopped while DeepSpeed builds its CPU op would leave
+                # the build's lock file behind, and later jobs on the machine would wait for it forever).
+                if "[restorch] iter" in line:
+                    break
+            stopped = restorch("jobs", "stop", job_id, "--address", url, env=env)
+            assert f"{job_id}: stopping" in stopped.stdout
+            rest = follow.communicate(timeout=120)[0]
+        finally:
+            follow.kill()
+    assert rest.rstrip().endswith(f"{job_id}: STOPPED")

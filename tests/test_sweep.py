@@ -1,0 +1,245 @@
+"""Sweeps end to end on the CPU: real Ray (one instance for the module, as a cluster would be), real
+Tune, real Ray Train + DeepSpeed jobs, real MLflow (embedded SQLite, and a real `mlflow server`).
+Tiny models and data keep each trial to Ray Train's fixed start-up plus a few seconds."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from servers import BIN, answers, free_port, started, wait_for
+
+from orchestrator.cli import main
+from orchestrator.jobs import init_ray
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
+from orchestrator.tracking import PARENT_TAG, STOPPED_TAG, TRIAL_TAG
+
+pytestmark = pytest.mark.slow
+RESTORCH = str(BIN / "restorch")
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    """One local Ray for the module, with two sweep trial slots (the resource sweeps reserve)."""
+    import ray
+
+    init_ray(None, local_resources={TRIAL_RESOURCE: 2})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """The working directory of the sweep: the embedded MLflow store lands here unless a URI is given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def tiny_spec(name: str, data: Path, search_values: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A sweep of a 4-channel Restormer with GLMHA on 16-pixel patches; `search_values` are
+    dotted keys -> search-space entries."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "model": {"name": "restormer", "dim": 4, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
+                  "heads": [1, 1, 1, 1], "attention": "glmha", "glmha": {}},
+        "task": "deraining",
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 16, "batch_size": 2},
+        "train": {"iterations": 6, "val_every": 3, "checkpoint_every": 3, "log_every": 3, "lr": 2e-3},
+        "search": {"algorithm": "grid", "max_concurrent_trials": 2},
+    }
+    for section, values in sections.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    for key, entry in search_values.items():
+        node = spec
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = entry
+    return spec
+
+
+def sweep_runs(client: MlflowClient, experiment: str) -> tuple[Any, dict[str, Any]]:
+    """The sweep's parent run and its child runs by trial id (asserting there is exactly one parent)."""
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    parents = [run for run in runs if PARENT_TAG not in run.data.tags]
+    assert len(parents) == 1, [run.info.run_name for run in parents]
+    children = [run for run in runs if run.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    by_trial = {run.data.tags[TRIAL_TAG]: run for run in children}
+    assert len(by_trial) == len(children), "one child run per trial"
+    return parents[0], by_trial
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> str:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store (one worker, no job execution),
+    stopped after the test."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+    port = free_port()
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    uri = f"http://127.0.0.1:{port}"
+    with started(command, env=env, log=folder / "server.log", marker=str(folder)) as process:
+        wait_for(lambda: answers(f"{uri}/health"), timeout=120, what="mlflow server", process=process, log=folder / "server.log")
+        yield uri
+
+
+def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdir, mlflow_server, capsys):
+    """4-trial grid: the server holds 1 parent + 4 children (logged by the trials' rank-0 workers)
+    with params, metric history, profiler numbers and the final model, all FINISHED; the results
+    table matches MLflow; nothing was tracked locally."""
+    from workloads.train import load_consolidated
+
+    raw = tiny_spec("grid", derain_data, {"model.glmha.alpha": {"grid": [0.4, 0.6]}, "model.glmha.kv_reduction": {"grid": [0.25, 0.5]}},
+                    tracking={"uri": mlflow_server, "experiment": "grid-remote"})
+    outcome = run_sweep(parse_spec(raw))
+
+    assert outcome.errors == 0 and len(outcome.rows) == 4
+    client = MlflowClient(mlflow_server)
+    parent, children = sweep_runs(client, "grid-remote")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.model.glmha.alpha"] == "grid [0.4, 0.6]"
+    assert {"spec.yaml", "results.csv", "best_spec.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["version.ray"] and parent.data.tags["host"]
+    assert set(children) == {row["trial"] for row in outcome.rows}
+    for row in outcome.rows:
+        run = children[row["trial"]]
+        assert run.info.status == "FINISHED" and row["status"] == "finished"
+        assert float(run.data.params["model.glmha.alpha"]) == row["model.glmha.alpha"]
+        assert float(run.data.params["model.glmha.kv_reduction"]) == row["model.glmha.kv_reduction"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "psnr")] == [3, 6]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
+        for name in ("psnr", "ssim", "params_m", "conv_gmacs"):
+            assert run.data.metrics[name] == pytest.approx(row[name]), name
+        assert run.data.tags["restorch.checkpoint"].endswith("checkpoint_0000006")
+    assert len({row["conv_gmacs"] for row in outcome.rows}) == 2  # K/V reduction changes the cost
+    best = outcome.rows[0]
+    model_file = client.download_artifacts(children[best["trial"]].info.run_id, "model/model.pt", str(workdir))
+    restored = load_consolidated(model_file)(torch.rand(1, 3, 24, 40))
+    assert restored.shape == (1, 3, 24, 40)
+    assert not (workdir / "mlruns").exists() and not (workdir / "mlflow.db").exists()
+
+    capsys.readouterr()
+    assert main(["status", "grid", "--storage", outcome.spec.storage.path]) == 0
+    assert capsys.readouterr().out.count("FINISHED") == 4
+
+
+def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir):
+    """Grid over seed x lr in which lr 1.0 is hopeless: ASHA stops both such trials at its first
+    rung, long before the iteration budget; the embedded MLflow marks them KILLED."""
+    raw = tiny_spec("asha", derain_data, {"train.seed": {"grid": [1, 2]}, "train.lr": {"grid": [2e-3, 1.0]}},
+                    train={"iterations": 12}, search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2})
+    outcome = run_sweep(parse_spec(raw))
+
+    by_lr = {lr: [row for row in outcome.rows if row["train.lr"] == lr] for lr in (2e-3, 1.0)}
+    assert all(row["iteration"] < 12 for row in by_lr[1.0]), outcome.report()
+    assert any(row["status"] == "finished" for row in by_lr[2e-3]), outcome.report()
+    _, children = sweep_runs(MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), "asha")
+    for row in by_lr[1.0]:
+        run = children[row["trial"]]
+        assert run.info.status == "KILLED" and run.data.tags[STOPPED_TAG] == "true"
+    assert (workdir / "mlartifacts").is_dir()
+
+
+def test_optuna_tpe_and_multi_objective_search(ray_address, derain_data, workdir):
+    """TPE samples trials from ranges; multi-objective TPE over psnr (max) and conv GMACs (min)
+    yields a Pareto set of trials no other trial beats on both."""
+    space = {"model.glmha.alpha": {"uniform": [0.2, 0.8]}, "model.glmha.kv_reduction": {"choice": [0.25, 0.5, 0.75]}}
+    tpe = run_sweep(parse_spec(tiny_spec("tpe", derain_data, space, search={"algorithm": "optuna", "num_samples": 2})))
+    assert tpe.errors == 0 and len(tpe.rows) == 2
+    assert all(0.2 <= row["model.glmha.alpha"] <= 0.8 and row["psnr"] is not None for row in tpe.rows)
+
+    objectives = {"psnr": "max", "conv_gmacs": "min"}
+    multi = run_sweep(parse_spec(tiny_spec("pareto", derain_data, space, train={"iterations": 3},
+                                           search={"algorithm": "optuna_multi", "objectives": objectives, "num_samples": 2})))
+    assert multi.errors == 0 and len(multi.rows) == 2
+    assert 1 <= len(multi.pareto) <= 2
+    for row in multi.rows:
+        dominated = any(o["psnr"] >= row["psnr"] and o["conv_gmacs"] <= row["conv_gmacs"]
+                        and (o["psnr"], o["conv_gmacs"]) != (row["psnr"], row["conv_gmacs"]) for o in multi.rows)
+        assert (row in multi.pareto) == (not dominated)
+    assert "Pareto set over psnr (max), conv_gmacs (min)" in multi.report()
+    _, children = sweep_runs(MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), "pareto")
+    assert len(children) == 2
+
+
+def _child_progress(client: MlflowClient) -> dict[str, tuple[str, int]]:
+    """trial id -> (MLflow status, last logged iteration), read while the sweep runs."""
+    experiment = client.get_experiment_by_name("resume")
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''")
+    return {run.data.tags[TRIAL_TAG]: (run.info.status, int(run.data.metrics.get("iteration", 0))) for run in runs}
+
+
+@pytest.mark.timeout(2400)
+def test_resume_after_the_driver_is_killed(ray_address, derain_data, workdir):
+    """The sweep driver (`restorch sweep` on the running cluster) is SIGKILLed once a trial has
+    finished and another is training; `restorch sweep --resume` completes the sweep: each trial
+    once in the results and in MLflow, finished trials not re-run, interrupted ones resumed from
+    their last checkpoint."""
+    raw = tiny_spec("resume", derain_data, {"model.glmha.alpha": {"grid": [0.3, 0.5, 0.7]}}, train={"iterations": 30})
+    spec_file = workdir / "resume.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    database = workdir / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{database}")  # creates the store: polling it below never races its set-up
+    log = open(workdir / "driver.log", "w")
+    driver = subprocess.Popen([RESTORCH, "sweep", str(spec_file)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while True:
+        progress = _child_progress(client)
+        states = sorted(progress.values())
+        # a checkpoint every 3 iterations: at 9, the one at 3 (at least) is safely in storage
+        if any(s == "FINISHED" for s, _ in states) and any(s == "RUNNING" and i >= 9 for s, i in states):
+            break
+        assert driver.poll() is None, (workdir / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no point to interrupt the sweep at: {progress}"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished_before = {trial for trial, (status, _) in progress.items() if status == "FINISHED"}
+    history_before = {trial: len(client.get_metric_history(run.info.run_id, "iteration"))
+                      for trial, run in sweep_runs(client, "resume")[1].items() if trial in finished_before}
+
+    resumed = subprocess.run([RESTORCH, "sweep", "--resume", "resume"], cwd=workdir, env=env, capture_output=True,
+                             text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming sweep resume" in resumed.stdout
+
+    with open(workdir / "restorch_runs/resume/results.csv") as results:
+        rows = list(csv.DictReader(results))
+    assert sorted(row["status"] for row in rows) == ["finished"] * 3
+    assert len({row["trial"] for row in rows}) == 3
+    parent, children = sweep_runs(client, "resume")
+    assert set(children) == {row["trial"] for row in rows} and parent.info.status == "FINISHED"
+    for trial, run in children.items():
+        assert run.info.status == "FINISHED"
+        if trial in finished_before:  # not re-run: its history is what it was at the kill
+            assert len(client.get_metric_history(run.info.run_id, "iteration")) == history_before[trial]
+    interrupted = [run for trial, run in children.items() if progress.get(trial, ("", 0))[0] == "RUNNING"]
+    assert interrupted
+    for run in interrupted:  # continued from a checkpoint, not from scratch
+        assert max(m.value for m in client.get_metric_history(run.info.run_id, "resumed_from")) >= 3
+
+    # The same spec again: the finished sweep is found in storage and nothing runs again.
+    again = subprocess.run([RESTORCH, "sweep", str(spec_file)], cwd=workdir, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "resuming sweep resume" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert set(sweep_runs(client, "resume")[1]) == set(children)
+    for trial, run in sweep_runs(client, "resume")[1].items():
+        assert len(client.get_metric_history(run.info.run_id, "iteration")) == \
+            len(client.get_metric_history(children[trial].info.run_id, "iteration"))
