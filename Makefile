@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-all install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v g++ >/dev/null || (echo "g++ is required (DeepSpeed compiles a CPU op): apt-get install g++" && exit 1)
@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/restorch demo
 
+# The suite CI runs. Tests marked `slow` (multi-minute Ray/MLflow/S3/PostgreSQL end-to-end runs)
+# are in `make test-all`.
 test: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -104,6 +104,7 @@ def find_ablation_run(client: MlflowClient, reference: str) -> Run:
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
+    """The runs nested under the parent run (one per sweep trial)."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10000)
 
@@ -173,7 +174,8 @@ def build_report(client: MlflowClient, reference: str) -> Report:
         report.columns += [*(key for metric in metrics for key in (metric, f"{metric}_std")), "images_per_s",
                            report.hours_key]
     finished: dict[str, list[Run]] = {}
-    for run in sorted(child_runs(client, parent.info.run_id), key=lambda run: run.info.start_time):
+    # a fixed order of each variant's runs: the same sums, to the last bit, whenever the report is rebuilt
+    for run in sorted(child_runs(client, parent.info.run_id), key=lambda run: (run.info.start_time, run.info.run_id)):
         if run.info.status == "FINISHED" and VARIANT_TAG in run.data.tags:
             finished.setdefault(run.data.tags[VARIANT_TAG], []).append(run)
     for variant in spec_variants(spec):

@@ -23,7 +23,7 @@ from orchestrator.spec import parse_spec
 from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
 from orchestrator.tracking import PARENT_TAG, STOPPED_TAG, TRIAL_TAG
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a shared, loaded machine: Ray Train start-up varies
 RESTORCH = str(BIN / "restorch")
 
 
