@@ -161,6 +161,7 @@ def ray_two_slots() -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five Ray Train jobs on a shared, loaded machine: about 10 minutes seen at load 10-30
 def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slots: Any) -> None:
     """2 factors x 2 settings + the baseline, trained: 5 variants, each one child run; the report's
     numbers are the MLflow metrics; `restorch report` in a fresh folder writes the same CSV."""
