@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.layers import pad_to_multiple
 from workloads.files import IMAGE_SUFFIXES, image_bit_depth, read_image, write_image
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -52,13 +52,8 @@ def restore(model: Forward, image: torch.Tensor, *, multiple: int = 8, tile: int
 
 def run_padded(forward: Forward, image: torch.Tensor, multiple: int) -> torch.Tensor:
     """Reflect-pad H and W up to a multiple of `multiple`, run `forward`, crop back."""
-    height, width = image.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h or pad_w:
-        # reflection needs the pad to be smaller than the image; tiny images repeat their edge
-        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-        image = F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
-    return forward(image)[..., :height, :width]
+    padded, (height, width) = pad_to_multiple(image, multiple)
+    return forward(padded)[..., :height, :width]
 
 
 def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
