@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m workloads.deepspeed_ops  # compile DeepSpeed's CPU op once, not in the first job
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -115,6 +115,9 @@ class UNetSkeleton(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         padded, (height, width) = pad_to_multiple(image, self.size_multiple)
+        # Channels-last (NHWC) maps: oneDNN's convolutions run about 1.5x faster forward+backward on
+        # CPU than on NCHW (and GPUs prefer it too); the convolutions keep the layout they are given.
+        padded = padded.contiguous(memory_format=torch.channels_last)
         context: ForwardContext = {}
         embedded = self.patch_embed(padded)
         enc1 = self.encoder_level1(embedded, context)

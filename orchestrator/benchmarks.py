@@ -104,9 +104,11 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
     """Images/s of one worker's training step: DeepSpeed (ZeRO) vs plain PyTorch on the same model."""
     import deepspeed
 
+    from workloads.deepspeed_ops import prepare_cpu_comm_op
     from workloads.train import deepspeed_config, init_local_process_group
 
     init_local_process_group()
+    prepare_cpu_comm_op()
     variants = variants or {"csa-restormer": {"name": "restormer"},
                             "glmha-restormer": {"name": "restormer", "attention": "glmha"}, "hint": {"name": "hint"}}
     target = torch.device(device)

@@ -11,17 +11,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from servers import BIN, answers, free_port, started, wait_for
 
+from orchestrator import registry
 from orchestrator.cli import main
 from orchestrator.jobs import init_ray
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
 from orchestrator.tracking import PARENT_TAG, STOPPED_TAG, TRIAL_TAG
+from workloads.files import read_image, write_image
+from workloads.inference import restore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a shared, loaded machine: Ray Train start-up varies
 RESTORCH = str(BIN / "restorch")
@@ -135,6 +139,24 @@ def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdi
     capsys.readouterr()
     assert main(["status", "grid", "--storage", outcome.spec.storage.path]) == 0
     assert capsys.readouterr().out.count("FINISHED") == 4
+
+    # Registry, end to end: register the sweep's best trial, promote it, restore an image with it.
+    server = ["--tracking-uri", mlflow_server]
+    assert main(["register", "grid", "--name", "derain-glmha", *server]) == 0
+    assert main(["registry", "promote", "derain-glmha", "1", "--alias", "champion", *server]) == 0
+    network, version = registry.load_network("models:/derain-glmha@champion", mlflow_server)
+    assert version.tags["run_id"] == children[best["trial"]].info.run_id
+    trial_model = load_consolidated(model_file).eval()
+    photo = np.random.default_rng(3).random((37, 50, 3))
+    write_image(workdir / "photo.png", photo, bit_depth=16)
+    image = torch.from_numpy(read_image(workdir / "photo.png").transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        expected = restore(trial_model, image)
+        torch.testing.assert_close(restore(network, image), expected, atol=1e-5, rtol=0)
+    assert main(["restore", "--model", "models:/derain-glmha@champion", "--input", str(workdir / "photo.png"),
+                 "--output", str(workdir / "restored.png"), *server]) == 0
+    restored = read_image(workdir / "restored.png")  # 16-bit in, 16-bit out: off by at most the quantisation step
+    np.testing.assert_allclose(restored, expected[0].numpy().transpose(1, 2, 0).clip(0, 1), atol=1 / 65535)
 
 
 def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir):

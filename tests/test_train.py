@@ -6,6 +6,8 @@ group stay out of the pytest process, which also drives Ray.
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,14 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
     assert history["psnr"].iloc[-1] > history["psnr"].iloc[0]
     assert (Path(result.checkpoint.path) / "model.pt").exists()
+
+
+def test_a_build_lock_left_by_a_killed_compile_does_not_hang_the_next_job():
+    # torch's JIT build waits forever on a `lock` file its killed owner never removed.
+    from workloads.deepspeed_ops import SHM_OP, extensions_dir
+
+    lock = extensions_dir() / SHM_OP / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    subprocess.run([sys.executable, "-m", "workloads.deepspeed_ops"], check=True, timeout=600)
+    assert not lock.exists()

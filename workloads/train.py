@@ -46,6 +46,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession) -> dict[str, Any]:
     import deepspeed  # imported in the worker: importing it in the Ray driver breaks Ray
 
+    from workloads.deepspeed_ops import prepare_cpu_comm_op
+
     train, data = config["train"], config["data"]
     task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
     rank, world_size = session.rank, session.world_size
@@ -57,6 +59,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
     train_set = PairedDataset(Path(data["train"]), task, patch_size=schedule.max_patch_size, seed=train["seed"])
     val_set = PairedDataset(Path(data["val"]), task, seed=train["seed"])
 
+    prepare_cpu_comm_op()
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=train["lr"], betas=tuple(train["betas"]),

@@ -81,9 +81,8 @@ class GuidedLowRankAttention(ChannelAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         q = self.q(x)
-        calibration = self.calibrate(q)[:, :, None, None]
-        x_calibrated = x + x * (self.alpha * calibration)
-        k, v = (self.split_heads(t) for t in self.kv(x_calibrated).chunk(2, dim=1))
+        scale = 1.0 + self.alpha * self.calibrate(q)[:, :, None, None]  # X' = X + X (alpha A) = X (1 + alpha A)
+        k, v = (self.split_heads(t) for t in self.kv(x * scale).chunk(2, dim=1))
         q = self.split_heads(q)
         attn = (l2_normalize(q) @ l2_normalize(k).transpose(-2, -1)) * self.temperature
         out = attn.softmax(dim=-1) @ v

@@ -1,0 +1,73 @@
+"""DeepSpeed's CPU communication op: compiled once per Python environment, never waited on forever.
+
+On CPU, `deepspeed.initialize` JIT-compiles a small C++ shared-memory op with
+torch.utils.cpp_extension (about 50 s) into TORCH_EXTENSIONS_DIR. Two traps with the default
+directory (~/.cache/torch_extensions, shared by every environment of the user):
+- two environments (e.g. two virtualenvs) overwrite each other's build, so every switch recompiles;
+- a process killed while compiling leaves torch's `lock` file behind, and every later job waits on
+  it forever.
+`prepare_cpu_comm_op` gives each environment its own directory (unless the user set one), and
+compiles under an OS file lock, which the kernel releases when its holder dies: a torch `lock` file
+found while holding it belongs to a dead build and is removed.
+
+    python -m workloads.deepspeed_ops     # compile ahead of time (`make install` does)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+SHM_OP = "deepspeed_shm_comm"
+log = logging.getLogger(__name__)
+
+
+def extensions_dir() -> Path:
+    """TORCH_EXTENSIONS_DIR if set, else a directory of this Python environment's own."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "restorch" / "torch_extensions" / environment
+
+
+@contextlib.contextmanager
+def build_lock(root: Path):
+    """Exclusive across processes while held; released by the kernel if the holder is killed."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".restorch-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_cpu_comm_op() -> Path | None:
+    """Point torch's JIT builds at this environment's directory and compile DeepSpeed's CPU op there.
+
+    Call before `deepspeed.initialize` in every process that runs DeepSpeed; on a GPU it does
+    nothing. After the first compile it only loads the cached library (about 0.1 s).
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    if get_accelerator().device_name() != "cpu":
+        return None
+    root = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+
+    with build_lock(root):
+        stale = root / SHM_OP / "lock"
+        if stale.exists():
+            log.warning("removing %s left by a DeepSpeed op build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        build_shm_op()
+    return root
+
+
+if __name__ == "__main__":
+    print(f"DeepSpeed CPU op ready in {prepare_cpu_comm_op()}")
