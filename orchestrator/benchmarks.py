@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,6 +151,76 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
             row["mfu"] = 3 * flops[label] / batch * row["deepspeed_img_s"] / (peak * 1e12)
         rows.append(row)
     return rows
+
+
+# A fixed amount of training per trial: a small Restormer on 32-pixel patches of a synthetic set.
+SWEEP_TRIAL_MODEL = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
+                     "heads": [1, 1, 1, 1]}
+
+
+def sweep_bench_spec(folder: Path, trials: int, concurrent: int, iterations: int) -> dict[str, Any]:
+    """N trials of identical work (a grid over the seed), one 1-CPU worker each, `concurrent` at once."""
+    return {
+        "name": "bench-sweep",
+        "model": SWEEP_TRIAL_MODEL,
+        "task": "deraining",
+        "data": {"train": str(folder / "data" / "train"), "val": str(folder / "data" / "val"), "patch_size": 32,
+                 "batch_size": 4, "max_val_images": 2},
+        "train": {"iterations": iterations, "val_every": iterations, "checkpoint_every": iterations,
+                  "log_every": iterations, "seed": {"grid": list(range(trials))}},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "search": {"algorithm": "grid", "max_concurrent_trials": concurrent},
+        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "bench-sweep"},
+        "storage": {"path": str(folder / "runs")},
+    }
+
+
+def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, folder: Path | None = None) -> list[dict[str, Any]]:
+    """Orchestration overhead: `restorch sweep` of N fixed-work trials vs the same trainings run one
+    after the other in this process (same loop, same DeepSpeed engine, no Ray), and the time from the
+    command to the first trial's first iteration."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.jobs import job_config
+    from orchestrator.spec import parse_spec, resolve_trial
+    from orchestrator.tracking import TRIAL_TAG
+    from workloads.session import LocalSession
+    from workloads.synth import write_dataset
+    from workloads.tasks import get_task
+    from workloads.train import init_local_process_group, run_training
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-sweep-"))
+    write_dataset(folder / "data", get_task("deraining"), count=24, size=64, seed=0)
+    raw = sweep_bench_spec(folder, trials, concurrent, iterations)
+
+    init_local_process_group()
+    direct_start = time.perf_counter()
+    for seed in range(trials):
+        spec = parse_spec(resolve_trial(raw, {"train.seed": seed}))
+        run_training(job_config(spec, f"direct-{seed}", str(folder / "direct")), LocalSession(folder / "direct" / str(seed)))
+    direct_s = time.perf_counter() - direct_start
+
+    spec_file = folder / "sweep.yaml"
+    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = [str(Path(sys.executable).parent / "restorch"), "sweep", str(spec_file), "--yes"]
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    started_at = time.time()
+    subprocess.run(command, check=True, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
+    sweep_s = time.time() - started_at
+
+    client = MlflowClient(raw["tracking"]["uri"])
+    experiment = client.get_experiment_by_name("bench-sweep")
+    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''")
+    first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, "iteration")
+                          if m.step == 1) / 1000
+    return [{"model": f"{trials} trials x {iterations} it, {concurrent} at once", "direct_s": direct_s, "sweep_s": sweep_s,
+             "sweep_overhead": sweep_s / direct_s, "first_iteration_s": first_iteration - started_at,
+             "trial_s": direct_s / trials}]
 
 
 def _known_peak() -> float | None:

@@ -10,22 +10,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orchestrator.commands import COMMAND_MODULES
+from orchestrator.commands import command_modules
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `command` only (fast: imports one command module), or of every command."""
     parser = argparse.ArgumentParser(
         prog="restorch",
         description="Experiment orchestration for image-restoration transformers.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
+    for module in command_modules(command):
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError) as err:

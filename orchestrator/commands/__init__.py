@@ -1,6 +1,20 @@
-"""Command groups of the `restorch` CLI, one module each (see orchestrator/cli.py)."""
-from orchestrator.commands import (ablate, bench, data, demo, evaluate, models, registry, report, serve, spec, submit,
-                                   sweep, tracking, train)
+"""Command groups of the `restorch` CLI, one module each (see orchestrator/cli.py).
 
-COMMAND_MODULES = [demo, bench, models, data, evaluate, train, sweep, ablate, report, spec, submit, tracking, registry,
-                   serve]
+COMMANDS maps each top-level command to the module that registers it, so that the CLI imports only
+the module of the command being run (the others pull in torch, MLflow, Ray, scipy...: seconds).
+"""
+import importlib
+from types import ModuleType
+
+COMMANDS = {
+    "demo": "demo", "bench": "bench", "models": "models", "data": "data", "evaluate": "evaluate", "train": "train",
+    "sweep": "sweep", "status": "sweep", "ablate": "ablate", "report": "report", "spec": "spec", "submit": "submit",
+    "jobs": "submit", "tracking": "tracking", "register": "registry", "registry": "registry", "restore": "registry",
+    "serve": "serve",
+}
+
+
+def command_modules(command: str | None = None) -> list[ModuleType]:
+    """The module registering `command`, or every command module (for --help and unknown commands)."""
+    names = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    return [importlib.import_module(f"orchestrator.commands.{name}") for name in names]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from orchestrator import benchmarks
 
@@ -29,6 +30,12 @@ def _train(args: argparse.Namespace) -> int:
     return _report("train", rows, settings, args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
+    rows = benchmarks.bench_sweep(**settings, folder=args.folder)
+    return _report("sweep", rows, settings, args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="speed benchmarks (ratios measured in one run)")
     commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
@@ -53,3 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     train.add_argument("--peak-tflops", type=float, help="device peak FLOP/s for MFU (known GPUs are detected)")
     train.set_defaults(handler=_train)
+
+    sweep = common(commands.add_parser("sweep", help="orchestration overhead: a sweep vs the same trainings in one process"), 1)
+    sweep.add_argument("--trials", type=int, default=8)
+    sweep.add_argument("--concurrent", type=int, default=2, help="trials at once (one 1-CPU worker each)")
+    sweep.add_argument("--iterations", type=int, default=300, help="training iterations per trial (fixed work)")
+    sweep.add_argument("--folder", type=Path, help="where data, runs and the sweep's MLflow store go (default: a temp dir)")
+    sweep.set_defaults(handler=_sweep)
