@@ -11,7 +11,9 @@ on any machine pointed at the tracking server:
   variant, factor, baseline, runs (finished runs: one per seed)
   conv_gmacs, params_m (+ _delta_pct: % change vs the baseline row), total_gmacs   (models.profile)
   each task metric (psnr, ssim, ...): its final validation value, mean over the runs; + _std, the
-      sample standard deviation when there are two or more runs
+      sample standard deviation when there are two or more runs. With several named validation sets
+      (data.val: {Rain100L: ..., Rain100H: ...}) each metric per set first (psnr/Rain100L, ...), as
+      the training loop logs it, then the metric itself: the loop's mean over the sets
   images_per_s: the median of each run's training reports, mean over the runs
   cpu_hours (gpu_hours with use_gpu): the run's wall time x the CPUs (GPUs) of its workers, mean
 `write_report` writes table.csv (numbers at full precision and nothing time-dependent, so that a
@@ -25,6 +27,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from mlflow.entities import Run
@@ -45,11 +48,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 Curve = list[tuple[int, float]]  # (iteration, value)
 
 
+class MetricColumn(NamedTuple):
+    key: str  # the MLflow metric and CSV column: psnr, or psnr/Rain100L
+    metric: str  # the task's metric (psnr)
+    val_set: str | None  # its validation set; None: the only set, or the mean over the named sets
+
+
 @dataclass
 class Report:
     spec: ExperimentSpec
     parent_run_id: str
     metrics: list[str]  # the task's validation metrics
+    metric_columns: list[MetricColumn]  # per named set (two or more sets), then the metrics (their mean)
     rows: list[Row]  # one per variant, baseline first
     columns: list[str]  # the CSV columns
     curves: dict[str, list[dict[str, Curve]]]  # variant label -> per finished run: metric -> its history
@@ -61,6 +71,11 @@ class Report:
     @property
     def trained(self) -> bool:
         return not self.spec.ablation.profile_only
+
+    @property
+    def val_sets(self) -> list[str]:
+        """The validation sets with columns of their own (two or more named sets), else none."""
+        return list(dict.fromkeys(column.val_set for column in self.metric_columns if column.val_set))
 
     @property
     def hours_key(self) -> str:
@@ -141,10 +156,10 @@ def _variant_row(report: Report, variant: Variant, runs: list[Run], throughput: 
     row.update({key: runs[0].data.metrics.get(key) if runs else None for key in PROFILE_METRICS})
     if not report.trained:
         return row
-    for metric in report.metrics:
-        values = [run.data.metrics[metric] for run in runs if metric in run.data.metrics]
-        row[metric] = _mean(values)
-        row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    for key in (column.key for column in report.metric_columns):
+        values = [run.data.metrics[key] for run in runs if key in run.data.metrics]
+        row[key] = _mean(values)
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
     row["images_per_s"] = _mean([statistics.median(value for _, value in curve) for curve in throughput if curve])
     row[report.hours_key] = _mean([(run.info.end_time - run.info.start_time) / 3.6e6 * _devices(report.spec)
                                    for run in runs])
@@ -162,17 +177,21 @@ def _add_deltas(rows: list[Row]) -> None:
 
 def build_report(client: MlflowClient, reference: str) -> Report:
     """The report of the ablation `reference` (its name or parent run id), from MLflow alone."""
+    from workloads.metrics import set_metric
     from workloads.tasks import get_task
 
     parent = find_ablation_run(client, reference)
     spec = _logged_spec(client, parent)
     metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
+    sets = list(spec.data.val_sets) if len(spec.data.val_sets) > 1 else []
+    metric_columns = [*(MetricColumn(set_metric(metric, name), metric, name) for name in sets for metric in metrics),
+                      *(MetricColumn(metric, metric, None) for metric in metrics)]
     columns = ["variant", "factor", "baseline", "runs", "conv_gmacs", "conv_gmacs_delta_pct", "params_m",
                "params_m_delta_pct", "total_gmacs"]
-    report = Report(spec, parent.info.run_id, metrics, [], columns, {})
+    report = Report(spec, parent.info.run_id, metrics, metric_columns, [], columns, {})
     if report.trained:
-        report.columns += [*(key for metric in metrics for key in (metric, f"{metric}_std")), "images_per_s",
-                           report.hours_key]
+        report.columns += [*(key for column in metric_columns for key in (column.key, f"{column.key}_std")),
+                           "images_per_s", report.hours_key]
     finished: dict[str, list[Run]] = {}
     # a fixed order of each variant's runs: the same sums, to the last bit, whenever the report is rebuilt
     for run in sorted(child_runs(client, parent.info.run_id), key=lambda run: (run.info.start_time, run.info.run_id)):

@@ -1,9 +1,10 @@
 """The ablation table as the papers print it: Markdown, LaTeX (booktabs) and a self-contained HTML page.
 
 One row per variant: Method (the label; the baseline marked), Factor (when there are several),
-FLOPs (G) and Params (M) with their Δ% vs the baseline, the task's metrics (mean ± std over seeds),
-training images/s and CPU/GPU-hours. The best value of each column is bold. Cells are formatted
-here, from the report's rows (orchestrator/report.py), with a fixed number of decimals per column.
+FLOPs (G) and Params (M) with their Δ% vs the baseline, the task's metrics (mean ± std over seeds;
+with several validation sets: per set, then their average), training images/s and CPU/GPU-hours.
+The best value of each column is bold. Cells are formatted here, from the report's rows
+(orchestrator/report.py), with a fixed number of decimals per column.
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def table_columns(report: Report) -> list[Column]:
     columns = [Column("conv_gmacs", "FLOPs (G)", ".2f", "min", delta=True),
                Column("params_m", "Params (M)", ".3f", "min", delta=True)]
     if report.trained:
-        columns += [Column(metric, metric.upper(), METRIC_FORMATS.get(metric, ".4f"), better(metric), spread=True)
-                    for metric in report.metrics]
+        average = "Average " if report.val_sets else ""
+        columns += [Column(key, f"{val_set} {metric.upper()}" if val_set else average + metric.upper(),
+                           METRIC_FORMATS.get(metric, ".4f"), better(metric), spread=True)
+                    for key, metric, val_set in report.metric_columns]
         columns += [Column("images_per_s", "Train img/s", ".1f", "max"),
                     Column(report.hours_key, "GPU-h" if report.hours_key == "gpu_hours" else "CPU-h", ".3g", "min")]
     return columns
@@ -89,7 +92,7 @@ def caption(report: Report) -> str:
     spec, ablation = report.spec, report.spec.ablation
     parts = [f"Ablation {report.name}: {ablation.mode.replace('_', ' ')}, {len(report.rows)} variants"]
     if report.trained:
-        val = "/".join(Path(spec.data.val).parts[-2:])
+        val = ", ".join(spec.data.val_sets) or "/".join(Path(spec.data.val).parts[-2:])
         parts.append(f"task {spec.task.name}, {spec.train.iterations} iterations, metrics on {val}")
         if ablation.seeds:
             parts.append(f"mean ± std over {len(ablation.seeds)} seeds")
@@ -105,6 +108,8 @@ def notes(report: Report) -> list[str]:
 
         protocol = get_task(report.spec.task.name, sigma=report.spec.task.sigma).protocol
         lines += [f"Metrics: the final validation of each run; protocol: {protocol.describe()}.",
+                  *(["Average: the mean over the validation sets, each set weighing the same."]
+                    if report.val_sets else []),
                   "Train img/s: the median of each run's training reports, averaged over its runs.",
                   f"{'GPU' if report.hours_key == 'gpu_hours' else 'CPU'}-h: each run's wall time (Ray Train start-up "
                   "included) times the devices of its workers, averaged over its runs."]

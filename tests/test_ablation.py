@@ -1,10 +1,11 @@
-"""Ablation specs: the variants of each mode, their validation, the recipes, and a profile-only
-ablation (GLMHA's Table 9) tracked in MLflow and reported from there."""
+"""Ablation specs: the variants of each mode, their validation, the recipes (package data, found by
+name), and a profile-only ablation (GLMHA's Table 9) tracked in MLflow and reported from there."""
 from __future__ import annotations
 
 import copy
 import csv
 import io
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import yaml
 from conftest import TINY_RESTORMER
 from mlflow.tracking import MlflowClient
 
-from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, spec_variants
+from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, recipe_file, recipes, spec_variants
 from orchestrator.ablation_run import run_ablation
 from orchestrator.cli import main
 from orchestrator.report import CSV_FILE, build_report, child_runs, write_report
@@ -126,6 +127,18 @@ def test_recipes_parse_and_validate(recipe: Path) -> None:
     spec = parse_spec(yaml.safe_load(recipe.read_text()), source=str(recipe))
     assert spec.ablation is not None and len(spec_variants(spec)) >= 2
     assert spec.ablation.profile_only is False  # recipes train; FLOPs/Params alone: set profile_only
+
+
+def test_recipes_are_package_data_found_by_name() -> None:
+    """pyproject.toml ships every recipe with the package; `restorch ablate NAME` finds it there."""
+    pyproject = tomllib.loads((RECIPE_DIR.parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["workloads"]
+    assert all(any(recipe.relative_to(RECIPE_DIR.parent).match(glob) for glob in globs) for recipe in RECIPES)
+    assert {name: path.resolve() for name, path in recipes().items()} == {path.stem: path.resolve() for path in RECIPES}
+    assert recipe_file("glmha-table9-levels.yaml").resolve() == (RECIPE_DIR / "glmha-table9-levels.yaml").resolve()
+    assert recipe_file(str(RECIPES[0])) == RECIPES[0]  # a spec file is itself
+    with pytest.raises(SpecError, match="no-such-table: no such spec file, nor a recipe; recipes: glmha-table1-mst, "):
+        recipe_file("no-such-table")
 
 
 def test_glmha_table9_profile_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """Ablation reports from MLflow: the numbers (means over seeds, Δ%, throughput, CPU-hours), the
-LaTeX table (parsed), the HTML page (opened in headless Chromium), and, end to end, a trained
-one-at-a-time ablation whose report `restorch report` rebuilds byte for byte in a fresh folder."""
+columns per named validation set and their average, the LaTeX table (parsed), the HTML page (opened
+in headless Chromium), and, end to end, a trained one-at-a-time ablation whose report
+`restorch report` rebuilds byte for byte in a fresh folder."""
 from __future__ import annotations
 
 import csv
@@ -19,11 +20,12 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, spec_variants
+from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
 from orchestrator.cli import main
 from orchestrator.report import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report
 from orchestrator.spec import parse_spec
 from orchestrator.tracking import PARENT_TAG, open_sweep_run
+from workloads.metrics import over_sets
 
 PLOTS = ("pareto", "delta", "curves")
 HOUR_MS = 3_600_000
@@ -101,6 +103,20 @@ def csv_rows(folder: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO((folder / CSV_FILE).read_text())))
 
 
+def log_trial(client: MlflowClient, tracking: dict[str, str], variant: Variant, seed: int, metrics: dict[str, float],
+              status: str = "FINISHED") -> None:
+    """A child run as the sweep writes it: tagged with its variant and seed, `metrics` at the last
+    validation (iteration 4), loss and throughput histories, one hour long."""
+    run = client.create_run(tracking["experiment_id"], start_time=1000, tags={
+        PARENT_TAG: tracking["parent_run_id"], VARIANT_TAG: variant.label, FACTOR_TAG: variant.factor,
+        SEED_TAG: str(seed)})
+    history = [Metric(key, value, 0, 4) for key, value in metrics.items()]
+    history += [Metric("loss", 1 / step, 0, step) for step in (2, 4)]
+    history += [Metric("images_per_s", value, 0, step) for step, value in ((2, 1.0), (4, 3.0), (6, 20.0))]
+    client.log_batch(run.info.run_id, metrics=history)
+    client.set_terminated(run.info.run_id, status=status, end_time=1000 + HOUR_MS)
+
+
 def test_report_numbers_from_mlflow(tmp_path: Path) -> None:
     """Child runs written as the sweep writes them (two seeds per variant, one failed run): means,
     sample std, Δ%, median throughput and CPU-hours; the files; the HTML page in Chromium."""
@@ -111,18 +127,11 @@ def test_report_numbers_from_mlflow(tmp_path: Path) -> None:
     logged: dict[str, list[float]] = {}
     for index, variant in enumerate(spec_variants(spec)):
         for seed in (1, 2, 3):
-            run = client.create_run(tracking["experiment_id"], start_time=1000, tags={
-                PARENT_TAG: tracking["parent_run_id"], VARIANT_TAG: variant.label, FACTOR_TAG: variant.factor,
-                SEED_TAG: str(seed)})
             psnr = 20.0 + index + seed / 10
             metrics = {"params_m": 0.2 - index / 100, "conv_gmacs": 1.3 + index / 10, "total_gmacs": 1.5,
                        "psnr": psnr, "ssim": 0.5 + seed / 100}
-            history = [Metric(key, value, 0, 4) for key, value in metrics.items()]
-            history += [Metric("loss", 1 / step, 0, step) for step in (2, 4)]
-            history += [Metric("images_per_s", value, 0, step) for step, value in ((2, 1.0), (4, 3.0), (6, 20.0))]
-            client.log_batch(run.info.run_id, metrics=history)
             failed = seed == 3  # a third, failed run of every variant: not counted
-            client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED", end_time=1000 + HOUR_MS)
+            log_trial(client, tracking, variant, seed, metrics, status="FAILED" if failed else "FINISHED")
             if not failed:
                 logged.setdefault(variant.label, []).append(psnr)
 
@@ -145,6 +154,49 @@ def test_report_numbers_from_mlflow(tmp_path: Path) -> None:
     assert "| CSA (baseline) |" in markdown and "**24.15 ± 0.07**" in markdown  # FFN x1.5: the best PSNR
     check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=8)  # Method, Factor, FLOPs ... CPU-h
     assert open_in_chromium(folder / HTML_FILE, tmp_path) == {"images": "ok,ok,ok"}
+
+
+def test_report_columns_per_validation_set(tmp_path: Path) -> None:
+    """Two named validation sets: PSNR and SSIM per set, then their average (the loop's plain psnr and
+    ssim), each the mean over seeds of the child runs' MLflow metrics, in every format."""
+    raw = ablation_spec("report-sets", tmp_path, tmp_path, seeds=[1, 2])
+    raw["data"]["val"] = {"Rain100L": str(tmp_path / "Rain100L"), "Rain100H": str(tmp_path / "Rain100H")}
+    spec = parse_spec(raw)
+    tracking = open_sweep_run(spec, str(tmp_path / "runs" / spec.name), resume=False)
+    client = MlflowClient(tracking["uri"])
+    client.set_tag(tracking["parent_run_id"], ABLATION_TAG, spec.name)
+    for index, variant in enumerate(spec_variants(spec)):
+        for seed in (1, 2):
+            validation = over_sets({  # what the training loop reports with two sets
+                "Rain100L": {"psnr": 30.0 + index + seed / 10, "ssim": 0.9 - index / 100, "input_psnr": 25.0},
+                "Rain100H": {"psnr": 20.0 - index / 2 + seed / 7, "ssim": 0.6 + seed / 100, "input_psnr": 15.0}})
+            log_trial(client, tracking, variant, seed, {"params_m": 0.2, "conv_gmacs": 1.3 + index / 10,
+                                                        "total_gmacs": 1.5, **validation})
+
+    report = build_report(client, spec.name)
+    keys = ["psnr/Rain100L", "ssim/Rain100L", "psnr/Rain100H", "ssim/Rain100H", "psnr", "ssim"]
+    assert [column.key for column in report.metric_columns] == keys and report.val_sets == ["Rain100L", "Rain100H"]
+    assert report.columns[9:21] == [name for key in keys for name in (key, f"{key}_std")]
+    runs: dict[str, list[dict[str, float]]] = {}
+    for child in child_runs(client, tracking["parent_run_id"]):
+        runs.setdefault(child.data.tags[VARIANT_TAG], []).append(child.data.metrics)
+    for row in report.rows:
+        logged = runs[row["variant"]]
+        for key in keys:
+            assert row[key] == pytest.approx(statistics.fmean(metrics[key] for metrics in logged)), (row["variant"], key)
+            assert row[f"{key}_std"] == pytest.approx(statistics.stdev(metrics[key] for metrics in logged))
+        assert row["psnr"] == pytest.approx((row["psnr/Rain100L"] + row["psnr/Rain100H"]) / 2)
+
+    folder = write_report(report, tmp_path / "report")
+    for row, written in zip(report.rows, csv_rows(folder)):
+        assert all(float(written[key]) == row[key] for key in keys)
+    markdown = (folder / MARKDOWN_FILE).read_text()
+    assert ("| Method | Factor | FLOPs (G) | Params (M) | Rain100L PSNR | Rain100L SSIM | Rain100H PSNR | Rain100H SSIM "
+            "| Average PSNR | Average SSIM | Train img/s | CPU-h |") in markdown
+    assert "metrics on Rain100L, Rain100H" in markdown and "Average: the mean over the validation sets" in markdown
+    csa = next(line for line in markdown.splitlines() if line.startswith("| CSA (baseline) |"))
+    assert all(cell in csa for cell in ("30.15 ± 0.07", "20.21 ± 0.10", "25.18 ± 0.09")), csa
+    check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=12)
 
 
 @pytest.fixture(scope="module")

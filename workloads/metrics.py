@@ -267,3 +267,18 @@ class Protocol:
         """A result record: per-image metrics, their means over the images, and this protocol."""
         mean = {name: float(np.mean([values[name] for values in per_image.values()])) for name in self.metrics}
         return {"protocol": self.as_dict(), "count": len(per_image), "mean": mean, "images": per_image}
+
+
+def set_metric(metric: str, val_set: str) -> str:
+    """The name of a metric on one named validation set: psnr/Rain100L."""
+    return f"{metric}/{val_set}"
+
+
+def over_sets(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Validation metrics of several named sets (set -> metric -> value): each metric per set
+    (psnr/Rain100L) and, under its plain name, its mean over the sets, each set weighing the same
+    (the papers' "Average" column)."""
+    merged = {set_metric(metric, name): value for name, values in per_set.items() for metric, value in values.items()}
+    metrics = next(iter(per_set.values()))
+    merged.update({metric: float(np.mean([values[metric] for values in per_set.values()])) for metric in metrics})
+    return merged
