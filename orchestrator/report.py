@@ -211,15 +211,22 @@ def build_report(client: MlflowClient, reference: str) -> Report:
 # the files
 
 
+def table_files(report: Report) -> dict[str, str]:
+    """The paper-style table as text files: table.csv, table.md, table.tex."""
+    from orchestrator.report_formats import latex_table, markdown_table
+
+    return {CSV_FILE: to_csv(report.rows, report.columns), MARKDOWN_FILE: markdown_table(report),
+            LATEX_FILE: latex_table(report)}
+
+
 def write_report(report: Report, folder: Path) -> Path:
     """The report's files in `folder`: table.csv/.md/.tex, report.html and the plots (PNG + SVG)."""
-    from orchestrator.report_formats import html_page, latex_table, markdown_table
+    from orchestrator.report_formats import html_page
     from orchestrator.report_plots import draw_plots
 
     folder.mkdir(parents=True, exist_ok=True)
     plots = draw_plots(report, folder)
-    files = {CSV_FILE: to_csv(report.rows, report.columns), MARKDOWN_FILE: markdown_table(report),
-             LATEX_FILE: latex_table(report), HTML_FILE: html_page(report, folder, plots)}
+    files = {**table_files(report), HTML_FILE: html_page(report, folder, plots)}
     for name, text in files.items():
         (folder / name).write_text(text)
     return folder

@@ -79,7 +79,8 @@ class ExperimentDetail(ExperimentOut):
 class Report(BaseModel):
     experiment: int
     folder: str = Field(description="the experiment's folder in its storage")
-    files: dict[str, str] = Field(description="file name -> text: results.csv, best_spec.yaml")
+    files: dict[str, str] = Field(description="file name -> text: results.csv, best_spec.yaml; for an ablation also "
+                                              "its paper-style table.csv, table.md, table.tex")
 
 
 def validate_submission(body: ExperimentIn) -> ExperimentSpec:

@@ -4,7 +4,8 @@
   `{storage}/{name}`) and that checkpoint's location;
 - sweep, ablate: one row per trial (Tune state, searched values, last metric, MLflow run status:
   orchestrator/status.py), the best trial by `search.metric`, and the report files the sweep writes
-  when it ends (results.csv, best_spec.yaml).
+  when it ends (results.csv, best_spec.yaml); for an ablation also its paper-style table, rebuilt
+  from MLflow (table.csv, table.md, table.tex).
 
 Every value is plain JSON: non-finite floats (a diverged loss) become None.
 """
@@ -70,4 +71,21 @@ def report_files(spec: ExperimentSpec) -> dict[str, str]:
         if fs.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
             with fs.open_input_stream(f"{path}/{name}") as stream:
                 files[name] = stream.read().decode()
+    if spec.ablation is not None:
+        files.update(ablation_tables(spec))
     return files
+
+
+def ablation_tables(spec: ExperimentSpec) -> dict[str, str]:
+    """An ended ablation's paper-style table (CSV, Markdown, LaTeX), rebuilt from its MLflow runs;
+    none before it has ended (its parent run is tagged as an ablation's when all variants are done)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import build_report, table_files
+    from orchestrator.tracking import resolve_uri
+
+    try:
+        report = build_report(MlflowClient(resolve_uri(spec.tracking.uri)), spec.name)
+    except FileNotFoundError:
+        return {}
+    return table_files(report)

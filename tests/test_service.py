@@ -255,6 +255,23 @@ def test_a_sweep_shows_its_trials_and_its_report_once_written(service):
     assert "writes no report" in service.get(f"/experiments/{train['id']}/report", "alice").json()["detail"]
 
 
+def test_an_ablation_report_holds_its_paper_style_table_from_mlflow(service):
+    from orchestrator.ablation_run import run_ablation
+    from orchestrator.spec import parse_spec
+
+    ablation = {"profile_only": True, "factors": {"kv": [{"label": "GLMHA r=0.25", "set": {"model.glmha.kv_reduction": 0.25}},
+                                                          {"label": "GLMHA r=0.75", "set": {"model.glmha.kv_reduction": 0.75}}]}}
+    changes = {"model": {**TINY_RESTORMER, "attention": "glmha", "glmha": {}}, "ablation": ablation,
+               "tracking": {"uri": f"sqlite:///{service.root / 'mlflow.db'}"}}
+    experiment = service.submit("alice", "kv-ablation", kind="ablate", **changes)
+    path = f"/experiments/{experiment['id']}/report"
+    assert service.get(path, "alice").status_code == 404  # not run yet: no table
+    run_ablation(parse_spec(yaml.safe_load(service.get(f"/experiments/{experiment['id']}").json()["spec"])))
+    files = service.get(path, "alice").json()["files"]
+    assert {"table.csv", "table.md", "table.tex"} <= set(files)
+    assert "GLMHA r=0.25" in files["table.md"] and "GLMHA r=0.75" in files["table.md"]
+
+
 # ------------------------------------------------------------------------------------------------
 # fuzzing the API from its OpenAPI schema
 
