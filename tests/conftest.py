@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
+from models import build_model
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
@@ -30,3 +33,16 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
 
     with tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as root, ray_head(Path(root)) as url:
         yield url, ray_env(Path(root))
+
+
+def build_from_yaml_file(tmp_path: Path, config: dict, seed: int) -> torch.nn.Module:
+    """The model a YAML file of `config` builds, after checking it has the very weights the dict builds."""
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(seed)
+    from_yaml = build_model(path)
+    torch.manual_seed(seed)
+    yaml_state, dict_state = from_yaml.state_dict(), build_model(config).state_dict()
+    assert yaml_state.keys() == dict_state.keys()
+    assert all(torch.equal(yaml_state[k], dict_state[k]) for k in yaml_state)
+    return from_yaml

@@ -213,3 +213,14 @@ def tracking_server(root: Path, backend: str, artifacts: str, s3_endpoint: str, 
     with started(command, env={**os.environ, **S3_ENV}, log=log, marker=f"--port {port} --workers") as process:
         wait_for(lambda: answers(f"{url}/health"), timeout=timeout, what="mlflow server", process=process, log=log)
         yield url
+
+
+@contextmanager
+def shared_tracking(bucket: str) -> Iterator[tuple[str, str, Any, str]]:
+    """A team's set-up: moto S3 with `bucket`, PostgreSQL and `restorch tracking up` storing artifacts
+    in s3://bucket/mlflow; yields (tracking URL, S3 endpoint, boto3 client, backend URI)."""
+    with tempfile.TemporaryDirectory(prefix="rt-team-") as root, moto_s3() as endpoint:
+        s3 = s3_client(endpoint)
+        s3.create_bucket(Bucket=bucket)
+        with postgres() as backend, tracking_server(Path(root), backend, f"s3://{bucket}/mlflow", endpoint) as url:
+            yield url, endpoint, s3, backend

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
+from conftest import build_from_yaml_file
 from models import build_model
 from models.attention.csa import ChannelSelfAttention
 from models.attention.hmha import (
@@ -65,18 +65,8 @@ def test_uniform_without_rerank_is_plain_channel_attention():
 )
 def test_options_reachable_from_yaml(tmp_path, group, options, check):
     config = {**SMALL, group: options}
-    path = tmp_path / "hint.yaml"
-    path.write_text(yaml.safe_dump(config))
-    torch.manual_seed(1)
-    from_yaml = build_model(path)
-    torch.manual_seed(1)
-    from_dict = build_model(config)
+    from_yaml = build_from_yaml_file(tmp_path, config, seed=1)
     assert all(check(a) for a in attentions(from_yaml))
-    yaml_state, dict_state = from_yaml.state_dict(), from_dict.state_dict()
-    assert yaml_state.keys() == dict_state.keys()
-    assert all(torch.equal(yaml_state[k], dict_state[k]) for k in yaml_state)
-    x = torch.rand(1, 3, 16, 16)
-    assert torch.equal(from_yaml(x), from_dict(x))
 
 
 @pytest.mark.parametrize(

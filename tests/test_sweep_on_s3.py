@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import yaml
 
 from conftest import TINY_RESTORMER
 from orchestrator.cli import main
-from servers import BIN, S3_ENV, moto_s3, postgres, s3_client, stop_process_group, tracking_server
+from servers import BIN, S3_ENV, shared_tracking, stop_process_group
 
 BUCKET = "restorch-team"
 NAME = "s3sweep"
@@ -40,11 +39,8 @@ print(json.dumps({"runs": [{"id": r.info.run_id, "status": r.info.status, "paren
 @pytest.fixture(scope="module")
 def team():
     """moto S3 + PostgreSQL + `restorch tracking up`: yields (tracking URL, S3 endpoint, boto3 client)."""
-    with tempfile.TemporaryDirectory(prefix="rt-team-") as root, moto_s3() as endpoint:
-        s3 = s3_client(endpoint)
-        s3.create_bucket(Bucket=BUCKET)
-        with postgres() as backend, tracking_server(Path(root), backend, f"s3://{BUCKET}/mlflow", endpoint) as url:
-            yield url, endpoint, s3
+    with shared_tracking(BUCKET) as (url, endpoint, s3, _):
+        yield url, endpoint, s3
 
 
 def keys(s3, prefix: str) -> list[str]:

@@ -6,15 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
 from orchestrator.tracking_server import backend_uri
-from servers import free_port, moto_s3, postgres, s3_client, tracking_server
+from servers import free_port, shared_tracking
 
 BUCKET = "restorch-mlflow"
 
@@ -51,11 +49,8 @@ def test_a_database_that_is_down_fails_at_once_without_the_password(capsys):
 @pytest.fixture(scope="module")
 def shared_server():
     """PostgreSQL + moto S3 + `restorch tracking up`: yields (server URL, boto3 client of the bucket, backend URI)."""
-    with tempfile.TemporaryDirectory(prefix="rt-mlflow-") as root, moto_s3() as s3_endpoint:
-        s3 = s3_client(s3_endpoint)
-        s3.create_bucket(Bucket=BUCKET)
-        with postgres() as backend, tracking_server(Path(root), backend, f"s3://{BUCKET}/mlflow", s3_endpoint) as url:
-            yield url, s3, backend
+    with shared_tracking(BUCKET) as (url, _, s3, backend):
+        yield url, s3, backend
 
 
 @pytest.mark.slow
