@@ -14,6 +14,8 @@ from orchestrator.spec import ExperimentSpec, SpecError
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def job_config(spec: ExperimentSpec, run_name: str, storage_path: str) -> dict[str, Any]:
@@ -36,9 +38,8 @@ def absolute_storage(path: str) -> str:
 def pin_paths(spec: ExperimentSpec) -> ExperimentSpec:
     """The spec with its local paths made absolute (data folders, storage): it then means the same in
     every process, whatever its working directory (Tune runs each trial in its own)."""
-    data = spec.data.model_copy(update={key: str(Path(getattr(spec.data, key)).resolve()) for key in ("train", "val")})
     storage = spec.storage.model_copy(update={"path": storage_path(spec)})
-    return spec.model_copy(update={"data": data, "storage": storage})
+    return spec.model_copy(update={"data": spec.data.resolved(), "storage": storage})
 
 
 def preflight(spec: ExperimentSpec, address: str | None) -> None:
@@ -47,11 +48,7 @@ def preflight(spec: ExperimentSpec, address: str | None) -> None:
     if address or os.environ.get(RAY_ADDRESS_ENV):
         return
     check_local_resources(spec)
-    for key in ("train", "val"):
-        folder = Path(getattr(spec.data, key))
-        if not folder.is_dir():
-            raise SpecError(f"data.{key}: {folder} is not a folder on this machine; fix the path "
-                            "(`restorch data synth` writes a small dataset)")
+    spec.data.check_folders()
 
 
 def check_local_resources(spec: ExperimentSpec) -> None:
@@ -118,8 +115,13 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
     previous = os.environ.get(GCS_PORT_ENV)
     os.environ[GCS_PORT_ENV] = str(port)  # read by ray.init when it starts the head node
     try:
-        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources,
-                 runtime_env={"env_vars": {RAY_ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}"}})
+        env_vars = {RAY_ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}",
+                    # Train V2's controller polls its workers this often (default 2 s): each job start and
+                    # end waits up to one interval, a visible share of a short trial.
+                    HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, "0.5"),
+                    # Train V2 also sends workers' print() through its logger: every progress line twice
+                    PRINT_PATCH_ENV: os.environ.get(PRINT_PATCH_ENV, "0")}
+        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources, runtime_env={"env_vars": env_vars})
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_ENV)
@@ -128,8 +130,9 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
 
 
 def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, storage: str,
-                 callbacks: list[Any] | None = None) -> Any:
-    """The job's TorchTrainer; with `config["trial_run"]` (sweep trials), rank 0 also logs to MLflow."""
+                 callbacks: list[Any] | None = None, keep_all_checkpoints: bool = False) -> Any:
+    """The job's TorchTrainer; with `config["trial_run"]` (sweep trials), rank 0 also logs to MLflow.
+    `keep_all_checkpoints`: for pbt trials, whose checkpoints other trials may continue from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -142,6 +145,7 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker or 1
+    keep = None if keep_all_checkpoints else spec.search.keep_checkpoints
     return TorchTrainer(
         tracked_train_loop if "trial_run" in config else train_loop_per_worker,
         train_loop_config=config,
@@ -153,7 +157,7 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
             storage_path=fs_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.search.keep_checkpoints,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep,
                                                checkpoint_score_attribute=spec.search.metric,
                                                checkpoint_score_order=spec.search.mode),
             callbacks=callbacks,

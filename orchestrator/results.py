@@ -15,8 +15,9 @@ Row = dict[str, Any]
 
 
 def result_columns(spec: ExperimentSpec, task_metrics: list[str]) -> list[str]:
-    """The results table: trial, how it ended, searched values, last validation metrics, size, wall time."""
-    return ["trial", "status", *(d.key for d in spec.search_space), "iteration", "loss", *task_metrics,
+    """The results table: trial, how it ended, searched values (pbt: the last ones), last validation
+    metrics, size, wall time."""
+    return ["trial", "status", *spec.searched_keys(), "iteration", "loss", *task_metrics,
             *PROFILE_METRICS[:2], "wall_s"]
 
 

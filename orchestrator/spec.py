@@ -4,6 +4,7 @@
     model: {name: restormer, dim: 16, attention: glmha, glmha: {alpha: {grid: [0.4, 0.6]}}}
     task: deraining                     # or {name: gaussian_denoising, sigma: 25}
     data: {train: data/rain-mini/train, val: data/rain-mini/val, patch_size: 64, batch_size: 4}
+                                        # or several named sets: val: {Rain100L: PATH, Rain100H: PATH}
     train: {iterations: 200, lr: 3.0e-4, val_every: 50}
     deepspeed: {zero_stage: 1}
     resources: {num_workers: 1, cpus_per_worker: 1}
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +36,10 @@ DEFAULT_STORAGE = "restorch_runs"
 PROFILE_METRICS = ("params_m", "conv_gmacs", "total_gmacs")
 # The search-space key of an ablation's variants (a grid over their labels; see resolve_trial).
 VARIANT_KEY = "ablation.variant"
+# What pbt may mutate: the values a trial continuing another trial's state can set (workloads/train.py).
+PBT_MUTABLE = ("train.lr", "train.weight_decay")
+# A validation set's name: it names the metrics reported on that set (psnr/Rain100L) and the report's columns.
+VAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SpecError(ValueError):
@@ -51,13 +57,55 @@ class TaskSpec(_Section):
 
 class DataSpec(_Section):
     train: str = Field(description="training dataset folder (or a folder holding a train/ split)")
-    val: str = Field(description="validation dataset folder (whole images)")
+    val: str | dict[str, str] = Field(
+        description="validation dataset folder (whole images), or several named sets {Rain100L: folder, Rain100H: "
+                    "folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr)")
     patch_size: int | None = Field(None, ge=8, description="fixed training patch size (one stage)")
     batch_size: int | None = Field(None, ge=1, description="per-worker batch size (one stage)")
     patch_sizes: list[int] | None = Field(None, description="progressive schedule: patch size per stage")
     batch_sizes: list[int] | None = Field(None, description="progressive schedule: per-worker batch per stage")
     stage_iterations: list[int] | None = Field(None, description="progressive schedule: iterations per stage")
     max_val_images: int | None = Field(None, ge=1, description="validate on the first N images only")
+
+    @field_validator("val", mode="before")
+    @classmethod
+    def _named_sets(cls, val: Any) -> Any:
+        if not isinstance(val, Mapping):
+            return val
+        if not val:
+            raise ValueError("give the validation folder, or one or more named sets {name: folder}")
+        for name, folder in val.items():
+            if not isinstance(name, str) or not VAL_SET_NAME.match(name):
+                raise ValueError(f"validation set name {name!r}: use letters, digits, _ . - (it names the set's "
+                                 "metrics, e.g. psnr/Rain100L)")
+            if not isinstance(folder, str) or not folder:
+                raise ValueError(f"validation set {name!r} has no folder; write {name}: path/to/its/folder")
+        return val
+
+    @property
+    def val_sets(self) -> dict[str, str]:
+        """The named validation sets (name -> folder); empty for a single `val` folder."""
+        return self.val if isinstance(self.val, dict) else {}
+
+    def folders(self) -> dict[str, str]:
+        """Every dataset folder by its key: data.train, and data.val or data.val.NAME per named set."""
+        val = {f"data.val.{name}": folder for name, folder in self.val_sets.items()} or {"data.val": self.val}
+        return {"data.train": self.train, **val}
+
+    def resolved(self) -> DataSpec:
+        """A copy with the folders made absolute (local paths mean the same in every working directory)."""
+        def absolute(folder: str) -> str:
+            return str(Path(folder).resolve())
+
+        val = {name: absolute(folder) for name, folder in self.val_sets.items()} or absolute(self.val)
+        return self.model_copy(update={"train": absolute(self.train), "val": val})
+
+    def check_folders(self) -> None:
+        """Every dataset folder exists on this machine (before a local run starts)."""
+        for key, folder in self.folders().items():
+            if not Path(folder).is_dir():
+                raise SpecError(f"{key}: {folder} is not a folder on this machine; fix the path "
+                                "(`restorch data synth` writes a small dataset)")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> DataSpec:
@@ -122,7 +170,9 @@ class SearchSpec(_Section):
     algorithm: Literal["random", "grid", "optuna", "optuna_multi"] = Field(
         "random", description="random (and grid entries), grid, optuna (TPE) or optuna_multi (multi-objective TPE)"
     )
-    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo runs every trial to the end; asha stops weak ones")
+    scheduler: Literal["fifo", "asha", "pbt"] = Field(
+        "fifo", description="fifo runs every trial to the end; asha stops weak ones; pbt (population based training) "
+                            "continues weak trials from strong ones' checkpoints with mutated lr / weight decay")
     metric: str = Field("psnr", description="validation metric that ranks trials and checkpoints (psnr, ssim, loss, ...)")
     mode: Literal["max", "min"] = "max"
     objectives: dict[str, Literal["max", "min"]] | None = Field(
@@ -135,6 +185,18 @@ class SearchSpec(_Section):
     reduction_factor: float = Field(2, gt=1, description="asha: keep the best 1/reduction_factor at each rung")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (the best by the metric, and the latest)")
     time_budget_s: float | None = Field(None, gt=0, description="per-trial wall-time budget (the iteration budget is train.iterations)")
+    perturbation_interval: int | None = Field(
+        None, ge=1, description="pbt: iterations between perturbations, a multiple of train.val_every and "
+                                "train.checkpoint_every; each interval is one Ray Train job run (about 20 s of start-up), "
+                                "and pbt trials keep every checkpoint (other trials may continue from any)")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: the bottom fraction of the trials that "
+                                                                    "continue from the top fraction's checkpoints")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="pbt: chance that a mutated value is drawn anew "
+                                        "instead of scaled by 0.8 or 1.2 (a list value: moved to a neighbour)")
+    hyperparam_mutations: dict[str, Any] | None = Field(
+        None, description="pbt: what it mutates, train.lr and/or train.weight_decay -> {loguniform: [lo, hi]}, "
+                          "{uniform: [lo, hi]} or a list of values")
+    synch: bool = Field(False, description="pbt: perturb all trials together at each interval (waits for the slowest)")
 
 
 class AblationSetting(_Section):
@@ -216,6 +278,11 @@ class ExperimentSpec(_Section):
         """Trials a sweep launches: the product of the grid sizes, times num_samples."""
         grid = math.prod(len(d.values) for d in self.search_space if d.kind == "grid")
         return grid * self.search.num_samples
+
+    def searched_keys(self) -> list[str]:
+        """The dotted keys whose values differ between trials: the search space's, then those only pbt mutates."""
+        space = [d.key for d in self.search_space]
+        return space + [key for key in self.search.hyperparam_mutations or {} if key not in space]
 
     def config(self) -> dict[str, Any]:
         """The spec as plain data (what travels to the workers)."""
@@ -308,6 +375,23 @@ def resolve_trial(base: dict[str, Any], values: Mapping[str, Any]) -> dict[str, 
     return config
 
 
+def mutation_domains(search: SearchSpec) -> list[Domain]:
+    """pbt's `search.hyperparam_mutations` as Domains (a list of values is a `choice`)."""
+    domains = []
+    for key, entry in (search.hyperparam_mutations or {}).items():
+        where = f"search.hyperparam_mutations.{key}"
+        if key not in PBT_MUTABLE:
+            raise SpecError(f"{where}: pbt mutates {' and '.join(PBT_MUTABLE)} only (what a running trial can change); "
+                            "remove it, and search it with an entry in place instead")
+        entry = {"choice": entry} if isinstance(entry, list) else entry
+        if not _is_domain(entry) or next(iter(entry)) not in ("choice", "uniform", "loguniform"):
+            raise SpecError(f"{where}: give a list of values, {{uniform: [lo, hi]}} or {{loguniform: [lo, hi]}}; "
+                            f"got {entry!r}")
+        (kind, values), = entry.items()
+        domains.append(Domain(key=key, kind=kind, values=_check_domain(where, kind, values).values))
+    return domains
+
+
 def candidate_assignments(space: list[Domain]) -> Iterator[dict[str, Any]]:
     """Each candidate value of each domain alone (enough to validate every value against the schema)."""
     for domain in space:
@@ -385,7 +469,10 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
             raw[section], found = extract_search_space(section, raw[section])
             space += found
     for section in ("deepspeed", "resources", "search", "tracking", "storage", "task", "name"):
-        _, found = extract_search_space(section, raw.get(section))
+        tree = raw.get(section)
+        if section == "search" and isinstance(tree, Mapping):  # pbt's mutation spaces: see mutation_domains
+            tree = {key: value for key, value in tree.items() if key != "hyperparam_mutations"}
+        _, found = extract_search_space(section, tree)
         if found:
             raise SpecError(f"{found[0].key}: search spaces are allowed under model, train and data only")
     if "search_space" in raw:
@@ -399,7 +486,7 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
     base = spec.config()
     task_metrics = _task_metrics(spec)
     _check_model(base["model"], "model")
-    for assignment in candidate_assignments(space):
+    for assignment in candidate_assignments([*space, *mutation_domains(spec.search)]):
         (key, value), = assignment.items()
         trial = resolve_trial(base, assignment)
         trial.pop("search_space", None)
@@ -429,7 +516,8 @@ def _check_search(spec: ExperimentSpec, task_metrics: list[str]) -> None:
             raise SpecError(f"search.objectives: {', '.join(unknown)} not reported by the trials; "
                             f"choose from: {', '.join([*validation, *PROFILE_METRICS])}")
         if search.scheduler != "fifo":
-            raise SpecError("search.scheduler: asha ranks trials by one metric; use scheduler: fifo with optuna_multi")
+            raise SpecError(f"search.scheduler: {search.scheduler} ranks trials by one metric; use scheduler: fifo with "
+                            "optuna_multi")
     elif search.objectives:
         raise SpecError(f"search.objectives: only used by algorithm optuna_multi (algorithm is {search.algorithm}); "
                         "remove it or set algorithm: optuna_multi")
@@ -449,6 +537,36 @@ def _check_search(spec: ExperimentSpec, task_metrics: list[str]) -> None:
         raise SpecError(f"train.checkpoint_every ({checkpoint_every}) must be a multiple of train.val_every ({val_every}) "
                         "so that every checkpoint is scored by search.metric; e.g. checkpoint_every: "
                         f"{val_every * max(1, round(checkpoint_every / val_every))}")
+    _check_pbt(spec)
+
+
+def _check_pbt(spec: ExperimentSpec) -> None:
+    """pbt's settings (and no pbt settings with another scheduler)."""
+    search, train = spec.search, spec.train
+    if search.scheduler != "pbt":
+        given = [name for name in ("perturbation_interval", "hyperparam_mutations") if getattr(search, name) is not None]
+        if given:
+            raise SpecError(f"search.{given[0]}: only used by scheduler pbt (scheduler is {search.scheduler}); "
+                            "remove it or set scheduler: pbt")
+        return
+    if search.algorithm not in ("random", "grid"):
+        raise SpecError(f"search.algorithm: pbt explores by itself and takes no {search.algorithm} searcher; use "
+                        "algorithm: random or grid (the initial population)")
+    if not search.hyperparam_mutations:
+        raise SpecError("search.hyperparam_mutations: pbt needs the values it mutates, e.g. "
+                        "{train.lr: {loguniform: [1.0e-4, 1.0e-2]}, train.weight_decay: [0, 1.0e-4, 1.0e-2]}")
+    interval, step = search.perturbation_interval, train.checkpoint_every  # checkpoint_every: a multiple of val_every
+    if interval is None or interval % step:
+        problem = "is missing" if interval is None else f"({interval}) is not a multiple of train.checkpoint_every ({step})"
+        raise SpecError(f"search.perturbation_interval {problem}: pbt perturbs trials at checkpoints, so it must be a "
+                        f"multiple of train.val_every ({train.val_every}) and train.checkpoint_every ({step}); e.g. "
+                        f"perturbation_interval: {step * max(1, round((interval or 0) / step))}")
+    if interval >= train.iterations:
+        raise SpecError(f"search.perturbation_interval ({interval}) must be less than train.iterations "
+                        f"({train.iterations}), or pbt never perturbs a trial")
+    if spec.trial_count() < 2:
+        raise SpecError("search.num_samples: pbt needs a population of two or more trials; raise num_samples or add "
+                        "{grid: [...]} entries")
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

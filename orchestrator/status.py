@@ -48,7 +48,8 @@ def sweep_trials(folder: str) -> tuple[ExperimentSpec, list[Row]]:
     rows = []
     for trial in _trials(folder):
         last = trial.last_result or {}
-        rows.append({"trial": trial.trial_id, "tune": trial.status, **{d.key: trial.config.get(d.key) for d in spec.search_space},
+        searched = {key: trial.config.get(key) for key in spec.searched_keys()}
+        rows.append({"trial": trial.trial_id, "tune": trial.status, **searched,
                      "iteration": last.get("iteration"), spec.search.metric: last.get(spec.search.metric),
                      "mlflow": mlflow_status.get(trial.trial_id, "-")})
     return spec, rows

@@ -70,10 +70,9 @@ def connect(address: str | None) -> Any:
 
 def check_paths_for_cluster(spec: ExperimentSpec) -> None:
     """Paths in a submitted spec are read on the cluster's nodes, not here: they must be absolute (or URIs)."""
-    for key in ("train", "val"):
-        path = getattr(spec.data, key)
+    for key, path in spec.data.folders().items():
         if not Path(path).is_absolute():
-            raise SpecError(f"data.{key}: {path} is relative, but the job runs on the cluster; give the dataset's "
+            raise SpecError(f"{key}: {path} is relative, but the job runs on the cluster; give the dataset's "
                             "absolute path on the cluster's nodes")
     storage = spec.storage.path
     if "://" not in storage and not Path(storage).is_absolute():

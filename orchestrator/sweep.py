@@ -10,9 +10,18 @@ parent run and runs a Tuner (or restores it, when a sweep of the same name is in
    checkpoint (Ray Train V2 resumes a run of the same name and storage);
 4. forwards the job's validation reports to Tune (`TrialReportCallback`), with the model's size.
 
+Population based training (`search.scheduler: pbt`, `run_pbt_trial`): under Ray Train V2 a trial's
+job hands Tune no checkpoint, and PBT only copies trials that have one. So a pbt trial fits its job
+perturbation_interval iterations at a time (`run.stop_at`) and after each fit reports to Tune itself,
+with a Tune checkpoint that is a small file naming the job's last checkpoint. When PBT copies a strong
+trial into a weak one, the weak trial restarts with mutated lr / weight decay and the strong trial's
+file, and starts a new job (`{trial id}-g{n}`) from the strong trial's job checkpoint
+(`run.init_from`). Its jobs keep every checkpoint, since other trials may continue from any of them.
+
 Layout in storage: `{storage}/{name}/` is Tune's experiment folder, plus `spec.yaml` (the spec the
-sweep was started with), `jobs/{trial id}/checkpoint_*` (each trial's job) and, at the end,
-`results.csv` and `best_spec.yaml` (the best trial as a spec for `restorch train`).
+sweep was started with), `jobs/{trial id}/checkpoint_*` (each trial's job; pbt trials may add
+`jobs/{trial id}-g{n}`) and, at the end, `results.csv` and `best_spec.yaml` (the best trial
+as a spec for `restorch train`).
 
 Resources: a trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
 embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs.
@@ -20,10 +29,15 @@ A cluster joined with `--address` must define `trial_slot` itself.
 """
 from __future__ import annotations
 
+import json
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import ray.train
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -31,13 +45,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
 from orchestrator.progress import ProgressTable
 from orchestrator.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
-from orchestrator.spec import Domain, ExperimentSpec, SpecError, check_trial_limit, parse_spec, resolve_trial
+from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, mutation_domains, parse_spec,
+                               resolve_trial)
 from orchestrator.storage import filesystem, ray_storage
-from orchestrator.tracking import TrialStatusCallback, close_sweep_run, open_sweep_run, open_trial_run, resolve_uri
+from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run,
+                                   resolve_uri)
 
 TRIAL_RESOURCE = "trial_slot"
 PROFILE_SIZE = 256  # input size for the model-size metrics (the papers' tables use 256x256)
 SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
+POINTER_FILE = "train_checkpoint.json"  # a pbt trial's Tune checkpoint: which job checkpoint it stands for
 
 
 @dataclass
@@ -57,10 +74,10 @@ class SweepOutcome:
         if self.pareto:
             objectives = self.spec.search.objectives or {}
             lines += [f"\nPareto set over {', '.join(f'{k} ({v})' for k, v in objectives.items())}:",
-                      format_table(self.pareto, ["trial", *(d.key for d in self.spec.search_space), *objectives])]
+                      format_table(self.pareto, ["trial", *self.spec.searched_keys(), *objectives])]
         if self.rows and self.rows[0].get(self.spec.search.metric) is not None:
             best = self.rows[0]
-            values = ", ".join(f"{d.key}={best[d.key]}" for d in self.spec.search_space)
+            values = ", ".join(f"{key}={best[key]}" for key in self.spec.searched_keys())
             lines.append(f"\nbest trial {best['trial']}: {values} ({self.spec.search.metric} "
                          f"{best[self.spec.search.metric]:.4f}); its full spec: {self.path}/{BEST_SPEC_FILE}")
         lines.append(f"results: {self.path}/{RESULTS_FILE}")
@@ -111,12 +128,59 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     profile = model_profile(spec.model)
     run_id, finished = open_trial_run(tracking, trial_id, context.get_trial_name())
     if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
-        tune.report({**finished, **profile})
+        tune.report({**finished, **profile, "done": True})  # done: no scheduler acts on it (pbt would restart it)
         return
     config = job_config(spec, trial_id, jobs_path)
     config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id, "profile": profile}
+    if spec.search.scheduler == "pbt":
+        run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
+        return
     callback = TrialReportCallback(validation_metric, profile)
     make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
+
+
+def run_pbt_trial(spec: ExperimentSpec, config: dict[str, Any], searched: dict[str, Any], *, trial_id: str,
+                  tracking: dict[str, str]) -> None:
+    """A pbt trial: its job runs search.perturbation_interval iterations at a time (one fit each, resumed
+    from the job's last checkpoint) and after each the trial reports to Tune with a small checkpoint
+    naming that job checkpoint: what PBT hands from a strong trial to a weak one. Restarted with another
+    trial's such checkpoint (an exploitation, with `searched` mutated), the trial starts a new job from
+    that job checkpoint, with its own lr and weight decay."""
+    run = config["run"]
+    pointer = _read_pointer(tune.get_checkpoint()) or {"trial_id": trial_id, "job": trial_id, "iteration": 0}
+    done, donor = pointer["iteration"], pointer["trial_id"]
+    run["name"] = pointer["job"]
+    if donor != trial_id:
+        storage_fs, jobs = filesystem(run["storage_path"], spec.storage.endpoint_url)
+        run.update(name=_new_job_name(storage_fs, jobs, trial_id),
+                   init_from=ray.train.Checkpoint(pointer["path"], filesystem=storage_fs))
+    if donor != trial_id or done == 0:
+        log_pbt_job(tracking, config["trial_run"]["run_id"], job=run["name"], iteration=done, values=searched,
+                    donor=None if donor == trial_id else donor)
+    total = spec.train.iterations
+    while done < total:
+        run["stop_at"] = done = min(done + spec.search.perturbation_interval, total)
+        result = make_trainer(spec, config, name=run["name"], storage=run["storage_path"], keep_all_checkpoints=True).fit()
+        pointer = {"trial_id": trial_id, "job": run["name"], "iteration": done, "path": result.checkpoint.path}
+        with tempfile.TemporaryDirectory(prefix="restorch-pbt-") as folder:
+            (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
+            tune.report({**result.metrics, **config["trial_run"]["profile"], "done": done >= total},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _new_job_name(storage_fs: pyarrow.fs.FileSystem, jobs: str, trial_id: str) -> str:
+    """`{trial_id}-g{n}`, n past the trial's jobs in storage: each exploitation starts a job of its own
+    (a job of an existing name would resume that job's checkpoint, not the donor's)."""
+    found = storage_fs.get_file_info(pyarrow.fs.FileSelector(jobs, allow_not_found=True))
+    taken = [int(match[1]) for info in found if (match := re.fullmatch(rf"{re.escape(trial_id)}-g(\d+)", info.base_name))]
+    return f"{trial_id}-g{max(taken, default=0) + 1}"
+
+
+def _read_pointer(checkpoint: tune.Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / POINTER_FILE).read_text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,10 +217,16 @@ def _search_algorithm(spec: ExperimentSpec) -> Any:
 
 
 def _scheduler(spec: ExperimentSpec) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    if spec.search.scheduler == "fifo":
+    search = spec.search
+    if search.scheduler == "fifo":
         return FIFOScheduler()
+    if search.scheduler == "pbt":  # a list of values: PBT moves to a neighbouring value, a range: scales or redraws
+        mutations = {d.key: d.values if d.kind == "choice" else tune_domain(d) for d in mutation_domains(search)}
+        return PopulationBasedTraining(time_attr="iteration", perturbation_interval=search.perturbation_interval,
+                                       hyperparam_mutations=mutations, quantile_fraction=search.quantile_fraction,
+                                       resample_probability=search.resample_probability, synch=search.synch)
     return ASHAScheduler(time_attr="iteration", max_t=spec.train.iterations,
                          grace_period=spec.search.grace_period * spec.train.val_every,
                          reduction_factor=spec.search.reduction_factor)
@@ -195,12 +265,14 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
         search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
         metric=search.metric if single else None,
         mode=search.mode if single else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        # a finished trial's actor (a process that has imported torch, MLflow, Ray Train) runs the next trial
+        reuse_actors=True,
     )
     storage_path, storage_filesystem = ray_storage(spec.storage.path, spec.storage.endpoint_url)
     run_config = tune.RunConfig(
         name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
-        callbacks=[TrialStatusCallback(tracking), ProgressTable([d.key for d in spec.search_space], task_metrics)],
+        callbacks=[TrialStatusCallback(tracking), ProgressTable(spec.searched_keys(), task_metrics)],
     )
     param_space = {domain.key: tune_domain(domain) for domain in spec.search_space}
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -266,8 +338,10 @@ def _finish(outcome: SweepOutcome, tracking: dict[str, str]) -> None:
     spec, best = outcome.spec, outcome.rows[0] if outcome.rows else {}
     files = {RESULTS_FILE: to_csv(outcome.rows, outcome.columns)}
     if best.get(spec.search.metric) is not None:
-        best_spec = resolve_trial(spec.config(), {d.key: best[d.key] for d in spec.search_space})
+        best_spec = resolve_trial(spec.config(), {key: best[key] for key in spec.searched_keys()})
         best_spec["name"] = f"{spec.name}-best"
+        if spec.search.scheduler == "pbt":  # one run, with the best trial's last values
+            best_spec["search"].update(scheduler="fifo", perturbation_interval=None, hyperparam_mutations=None)
         files[BEST_SPEC_FILE] = yaml.safe_dump(best_spec, sort_keys=False)
     for name, text in files.items():
         _write(outcome.path, name, text, spec.storage.endpoint_url)

@@ -9,7 +9,9 @@ Who logs what:
   (`open_trial_run`), so that a trial re-run after a failure or a resume continues the same run;
 - rank 0 of the trial's Ray Train job (`tracked_train_loop`, the workers' entry point in sweeps)
   logs everything else into it: flattened params, the profiler numbers, each report's metrics, the
-  latest checkpoint's location, the final consolidated model (`model/model.pt`) and the status.
+  latest checkpoint's location, the final consolidated model (`model/model.pt`) and the status;
+- a pbt trial's driver side also logs each job it starts (`log_pbt_job`): its lr / weight decay as
+  metrics at the start iteration and, when it continues another trial's checkpoint, a tag naming it.
 
 The tracking URI is the spec's `tracking.uri`, else $MLFLOW_TRACKING_URI, else the embedded
 `sqlite:///mlflow.db` with artifacts in `mlartifacts/`, both in the working directory. It is made
@@ -35,7 +37,7 @@ from ray.tune import Callback
 
 from orchestrator.spec import ExperimentSpec
 from workloads.session import RayTrainSession
-from workloads.train import CONSOLIDATED_MODEL, run_training
+from workloads.train import CONSOLIDATED_MODEL, run_training, stop_iteration
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -44,6 +46,7 @@ SWEEP_TAG = "restorch.sweep"  # the sweep's storage location: identifies its par
 TRIAL_TAG = "restorch.trial_id"
 CHECKPOINT_TAG = "restorch.checkpoint"
 STOPPED_TAG = "restorch.stopped_early"
+EXPLOIT_TAG = "restorch.pbt.exploit"  # + ".{job}": that job of the trial continued another trial's checkpoint
 VERSIONED_PACKAGES = ("restorch", "torch", "ray", "deepspeed", "mlflow", "optuna")
 _BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch
 
@@ -217,6 +220,19 @@ def open_trial_run(tracking: dict[str, Any], trial_id: str, name: str) -> tuple[
     return run.info.run_id, None
 
 
+def log_pbt_job(tracking: dict[str, Any], run_id: str, *, job: str, iteration: int, values: dict[str, Any],
+                donor: str | None) -> None:
+    """A pbt trial starts `job` at `iteration` with `values` (its searched keys): the numbers as metrics
+    at that step (the history of the mutated lr / weight decay) and, when the job continues `donor`'s
+    checkpoint (an exploitation), the tag EXPLOIT_TAG.{job} naming the iteration, donor and values."""
+    client = MlflowClient(tracking["uri"])
+    numbers = [Metric(key, float(value), _now_ms(), iteration) for key, value in values.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    described = ", ".join(f"{key}={value}" for key, value in values.items())
+    tags = [RunTag(f"{EXPLOIT_TAG}.{job}", f"iteration {iteration} from trial {donor}: {described}")] if donor else []
+    client.log_batch(run_id, metrics=numbers, tags=tags)
+
+
 # ------------------------------------------------------------------------------------------------
 # rank 0 of the trial's job
 
@@ -256,12 +272,18 @@ def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     client = MlflowClient(tracking["uri"])
     run_id = tracking["run_id"]
     sections = {key: config[key] for key in ("model", "task", "data", "train", "deepspeed", "resources")}
-    _log_params(client, run_id, flatten(sections))
-    client.log_batch(run_id, metrics=[Metric(key, float(value), _now_ms(), 0) for key, value in tracking["profile"].items()])
+    logged = client.get_run(run_id).data.params
+    if not logged:  # the trial's first job run
+        profile = [Metric(key, float(value), _now_ms(), 0) for key, value in tracking["profile"].items()]
+        client.log_batch(run_id, metrics=profile)
+    # MLflow refuses to change a param: a job run again (resumed, a pbt trial's next segment or job) logs only
+    # new keys; a pbt trial's changed values are metrics and tags (log_pbt_job).
+    _log_params(client, run_id, {key: value for key, value in flatten(sections).items() if key not in logged})
     try:
         result = run_training(config, TrackedSession(session, client, run_id))
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    if stop_iteration(config) >= config["train"]["iterations"]:  # else a pbt segment ended: the trial goes on
+        client.set_terminated(run_id, status="FINISHED")
     return result

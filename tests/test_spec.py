@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.spec import SpecError, parse_spec, resolve_trial
+from orchestrator.spec import DataSpec, SpecError, parse_spec, resolve_trial
 
 
 def base_spec(tmp_path: Path, **sections: Any) -> dict[str, Any]:
@@ -64,6 +64,9 @@ def test_spec_schema_is_json_with_the_sections(capsys):
     assert "search_space" not in schema["properties"]
 
 
+PBT = {"scheduler": "pbt", "perturbation_interval": 3, "hyperparam_mutations": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}
+
+
 def _bad(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     return base_spec(tmp_path, **sections)
 
@@ -86,6 +89,8 @@ BAD_SPECS = {
     "more CPUs than the machine has": (lambda t: _bad(t, resources={"num_workers": 512}),
                                        "resources: 512 workers x 1 CPUs"),
     "missing data folder": (lambda t: _bad(t, data={"train": str(t / "nowhere")}), "data.train: "),
+    "missing named validation folder": (
+        lambda t: _bad(t, data={"val": {"A": str(t / "data/val"), "B": str(t / "nowhere")}}), "data.val.B: "),
     "metric the task does not report": (lambda t: _bad(t, search={"metric": "mrae"}),
                                         "search.metric: 'mrae' is not reported by task deraining"),
     "grid search with a range": (lambda t: _bad(t, train={"lr": {"uniform": [1e-4, 1e-3]}}),
@@ -102,6 +107,34 @@ BAD_SPECS = {
                              "train.checkpoint_every (4) must be a multiple of train.val_every (3)"),
     "unknown task": (lambda t: _bad(t, task="inpainting"), "task: unknown task 'inpainting'"),
     "not a mapping": (lambda t: "- just\n- a list\n", "a spec is a YAML mapping"),
+    "pbt interval off the checkpoints": (
+        lambda t: _bad(t, search={**PBT, "perturbation_interval": 4}),
+        "search.perturbation_interval (4) is not a multiple of train.checkpoint_every (3): pbt perturbs trials at "
+        "checkpoints, so it must be a multiple of train.val_every (3) and train.checkpoint_every (3); e.g. "
+        "perturbation_interval: 3"),
+    "pbt without an interval": (lambda t: _bad(t, search={**PBT, "perturbation_interval": None}),
+                                "search.perturbation_interval is missing"),
+    "pbt interval past the end": (lambda t: _bad(t, search={**PBT, "perturbation_interval": 6}),
+                                  "search.perturbation_interval (6) must be less than train.iterations (6)"),
+    "pbt mutating a model option": (
+        lambda t: _bad(t, search={**PBT, "hyperparam_mutations": {"model.glmha.alpha": [0.4, 0.6]}}),
+        "search.hyperparam_mutations.model.glmha.alpha: pbt mutates train.lr and train.weight_decay only"),
+    "pbt mutation as a grid": (
+        lambda t: _bad(t, search={**PBT, "hyperparam_mutations": {"train.lr": {"grid": [1e-3, 1e-2]}}}),
+        "search.hyperparam_mutations.train.lr: give a list of values, {uniform: [lo, hi]} or {loguniform: [lo, hi]}"),
+    "pbt mutation out of range": (
+        lambda t: _bad(t, search={**PBT, "hyperparam_mutations": {"train.weight_decay": {"uniform": [-1, 0]}}}),
+        "train.weight_decay: candidate value -1 is invalid"),
+    "pbt without mutations": (lambda t: _bad(t, search={**PBT, "hyperparam_mutations": None}),
+                              "search.hyperparam_mutations: pbt needs the values it mutates"),
+    "pbt with optuna": (
+        lambda t: _bad(t, model={"name": "restormer", "dim": 8, "attention": "glmha", "glmha": {"alpha": {"choice": [0.4, 0.6]}}},
+                       search={**PBT, "algorithm": "optuna"}),
+        "search.algorithm: pbt explores by itself and takes no optuna searcher; use algorithm: random or grid"),
+    "pbt with one trial": (lambda t: _bad(t, model={"name": "restormer", "dim": 8}, search=PBT),
+                           "search.num_samples: pbt needs a population of two or more trials"),
+    "pbt settings with asha": (lambda t: _bad(t, search={"perturbation_interval": 3}),
+                               "search.perturbation_interval: only used by scheduler pbt (scheduler is asha)"),
 }
 
 
@@ -125,7 +158,59 @@ def test_bad_spec_is_rejected_before_anything_starts(kind, tmp_path, monkeypatch
     assert sorted(tmp_path.rglob("*")) == before  # no mlflow.db, mlartifacts/, restorch_runs/ ...
 
 
+def test_pbt_spec(tmp_path):
+    """pbt: its mutation spaces are not search-space entries (they survive a round trip through the
+    stored spec), the results show the mutated keys, and the scheduler gets lists as lists (PBT moves
+    to a neighbour) and ranges as Tune domains (scaled or redrawn)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.search.sample import Domain
+
+    from orchestrator.sweep import _scheduler
+
+    mutations = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": [0.0, 1e-4, 1e-2]}
+    spec = parse_spec(base_spec(tmp_path, search={**PBT, "hyperparam_mutations": mutations, "quantile_fraction": 0.5}))
+    assert [d.key for d in spec.search_space] == ["model.glmha.alpha", "model.glmha.kv_reduction"]
+    assert spec.searched_keys() == ["model.glmha.alpha", "model.glmha.kv_reduction", "train.lr", "train.weight_decay"]
+    assert parse_spec(spec.as_written()).search == spec.search
+    scheduler = _scheduler(spec)
+    assert isinstance(scheduler, PopulationBasedTraining) and scheduler._perturbation_interval == 3
+    assert scheduler._quantile_fraction == 0.5 and scheduler._time_attr == "iteration"
+    assert scheduler._hyperparam_mutations["train.weight_decay"] == [0.0, 1e-4, 1e-2]
+    assert isinstance(scheduler._hyperparam_mutations["train.lr"], Domain)
+
+
 def test_spec_errors_name_the_key():
     with pytest.raises(SpecError, match=r"^model\.glmha\.alpha: quniform step q must be > 0"):
         parse_spec({"name": "x", "model": {"name": "restormer", "attention": "glmha", "glmha": {"alpha": {"quniform": [0.1, 0.9, 0]}}},
                     "task": "deraining", "data": {"train": "a", "val": "b"}})
+
+
+def test_several_named_validation_sets(tmp_path, monkeypatch):
+    """data.val: one folder, or named sets {name: folder}: the job config carries them as written, and
+    every folder is checked by its key (data.val.NAME) before a local run."""
+    raw = base_spec(tmp_path)
+    (tmp_path / "data" / "Rain100L").mkdir()
+    sets = {"Rain100L": str(tmp_path / "data/Rain100L"), "Rain100H": str(tmp_path / "data/Rain100H")}
+    spec = parse_spec({**raw, "data": {**raw["data"], "val": sets}})
+    assert spec.data.val_sets == sets and spec.config()["data"]["val"] == sets
+    assert spec.data.folders() == {"data.train": raw["data"]["train"], "data.val.Rain100L": sets["Rain100L"],
+                                   "data.val.Rain100H": sets["Rain100H"]}
+    with pytest.raises(SpecError, match=r"^data\.val\.Rain100H: .*/data/Rain100H is not a folder on this machine"):
+        spec.data.check_folders()
+    single = parse_spec(raw).data
+    assert single.val_sets == {} and list(single.folders()) == ["data.train", "data.val"]
+    single.check_folders()
+    monkeypatch.chdir(tmp_path)
+    assert DataSpec(train="a", val={"X": "b"}).resolved().val == {"X": str(tmp_path / "b")}
+
+
+@pytest.mark.parametrize("val, message", [
+    ({}, "data.val: Value error, give the validation folder, or one or more named sets {name: folder}"),
+    ({"Rain 100L": "a"}, "validation set name 'Rain 100L': use letters, digits, _ . -"),
+    ({"Rain100L/x": "a"}, "validation set name 'Rain100L/x'"),
+    ({"Rain100L": None}, "validation set 'Rain100L' has no folder; write Rain100L: path/to/its/folder"),
+])
+def test_bad_validation_sets_are_named(val, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec({"name": "x", "model": {"name": "restormer"}, "task": "deraining", "data": {"train": "a", "val": val}})
+    assert message in str(error.value)

@@ -23,7 +23,7 @@ from orchestrator.cli import main
 from orchestrator.jobs import init_ray
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
-from orchestrator.tracking import PARENT_TAG, STOPPED_TAG, TRIAL_TAG
+from orchestrator.tracking import EXPLOIT_TAG, PARENT_TAG, STOPPED_TAG, TRIAL_TAG
 from workloads.files import read_image, write_image
 from workloads.inference import restore
 
@@ -125,7 +125,7 @@ def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdi
         assert float(run.data.params["model.glmha.alpha"]) == row["model.glmha.alpha"]
         assert float(run.data.params["model.glmha.kv_reduction"]) == row["model.glmha.kv_reduction"]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "psnr")] == [3, 6]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 3, 6]  # and the first iteration
         for name in ("psnr", "ssim", "params_m", "conv_gmacs"):
             assert run.data.metrics[name] == pytest.approx(row[name]), name
         assert run.data.tags["restorch.checkpoint"].endswith("checkpoint_0000006")
@@ -174,6 +174,44 @@ def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir)
         run = children[row["trial"]]
         assert run.info.status == "KILLED" and run.data.tags[STOPPED_TAG] == "true"
     assert (workdir / "mlartifacts").is_dir()
+
+
+def test_pbt_continues_the_hopeless_trial_from_the_good_one(ray_address, derain_data, workdir):
+    """pbt over a grid of lr in which 1.0 is hopeless, perturbing every 3 of 9 iterations (synch: both
+    trials are compared at each interval): the lr-1.0 trial continues from the good trial's checkpoint
+    at iteration 3, as a new job, with a mutated lr that the optimizer then uses; both trials run to the
+    end; MLflow holds one child run per trial, with the exploitation as a tag and the lr history as a
+    metric; the results show each trial's last lr."""
+    from workloads.schedule import lr_factor
+
+    mutations = {"train.lr": {"loguniform": [1e-3, 1e-2]}, "train.weight_decay": [0.0, 1e-4]}
+    raw = tiny_spec("pbt", derain_data, {"train.lr": {"grid": [2e-3, 1.0]}}, train={"iterations": 9},
+                    search={"scheduler": "pbt", "perturbation_interval": 3, "hyperparam_mutations": mutations,
+                            "synch": True})
+    outcome = run_sweep(parse_spec(raw))
+
+    assert outcome.errors == 0 and [row["status"] for row in outcome.rows] == ["finished"] * 2, outcome.report()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    _, children = sweep_runs(client, "pbt")
+    assert set(children) == {row["trial"] for row in outcome.rows}
+    first_lr = {float(run.data.params["train.lr"]): trial for trial, run in children.items()}  # params: the initial values
+    good, hopeless = first_lr[2e-3], first_lr[1.0]
+    run = children[hopeless]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[f"{EXPLOIT_TAG}.{hopeless}-g1"].startswith(f"iteration 3 from trial {good}: train.lr="), \
+        run.data.tags
+    lr_history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.lr")]
+    assert lr_history[0] == (0, 1.0) and lr_history[1][0] == 3, lr_history
+    new_lr = lr_history[1][1]
+    assert 1e-3 * 0.8 <= new_lr <= 1e-2 * 1.2, lr_history  # the good trial's 2e-3 scaled, or drawn from the range
+    assert 3 in {m.value for m in client.get_metric_history(run.info.run_id, "resumed_from")}
+    step, used = next((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "lr") if m.step > 3)
+    assert used == pytest.approx(new_lr * lr_factor(step - 1, total=9, base_lr=new_lr, min_lr=1e-6), rel=1e-6)
+    assert (workdir / f"restorch_runs/pbt/jobs/{hopeless}-g1/checkpoint_0000006").is_dir()
+    for row in outcome.rows:  # the last values, as the MLflow history ends
+        history = client.get_metric_history(children[row["trial"]].info.run_id, "train.lr")
+        assert row["train.lr"] == pytest.approx(max(history, key=lambda m: m.step).value)
+        assert row["train.weight_decay"] in (0.0, 1e-4) and row["iteration"] == 9
 
 
 def test_optuna_tpe_and_multi_objective_search(ray_address, derain_data, workdir):

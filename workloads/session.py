@@ -25,11 +25,7 @@ class RayTrainSession:
     def resume_directory(self) -> tempfile.TemporaryDirectory | None:
         """A local copy of the last reported checkpoint, or None for a fresh start."""
         checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        local = tempfile.TemporaryDirectory(prefix="restorch-resume-")
-        checkpoint.to_directory(local.name)
-        return local
+        return None if checkpoint is None else local_copy(checkpoint)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         if checkpoint_dir is None:
@@ -37,6 +33,13 @@ class RayTrainSession:
             return
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+
+
+def local_copy(checkpoint: Any) -> tempfile.TemporaryDirectory:
+    """A local copy of a Ray checkpoint (wherever it is stored), removed with the returned directory."""
+    local = tempfile.TemporaryDirectory(prefix="restorch-resume-")
+    checkpoint.to_directory(local.name)
+    return local
 
 
 class LocalSession:

@@ -2,7 +2,9 @@
 
 `config` is the job config made by orchestrator/jobs.py from an experiment spec (plain data):
 model (registry config), task, data (folders + patch schedule), train (iterations, optimiser,
-schedule, intervals, seed), deepspeed (ZeRO stage, precision), run (where checkpoints are stored).
+schedule, intervals, seed), deepspeed (ZeRO stage, precision), run (where checkpoints are stored;
+for a pbt trial also where this run stops, `stop_at`, and `init_from`, another job's checkpoint to
+start from when the job has none of its own).
 
 Per worker: build the model, wrap it with DeepSpeed (AdamW, Restormer's lr schedule, gradient
 clipping, ZeRO), resume from the last checkpoint if Ray Train hands one over, then iterate: a batch
@@ -29,9 +31,9 @@ from torch.utils.data import DataLoader
 
 from models import build_model
 from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule
-from workloads.metrics import mrae
+from workloads.metrics import mrae, over_sets
 from workloads.schedule import lr_factor
-from workloads.session import LocalSession, RayTrainSession
+from workloads.session import LocalSession, RayTrainSession, local_copy
 from workloads.tasks import Task, get_task
 
 CHECKPOINT_TAG = "state"
@@ -57,7 +59,9 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
     model = build_model(config["model"])
     schedule = PatchSchedule.from_config(data["schedule"])
     train_set = PairedDataset(Path(data["train"]), task, patch_size=schedule.max_patch_size, seed=train["seed"])
-    val_set = PairedDataset(Path(data["val"]), task, seed=train["seed"])
+    val = data["val"]  # a folder, or named sets {name: folder}
+    val_sets = ({name: PairedDataset(Path(folder), task, seed=train["seed"]) for name, folder in val.items()}
+                if isinstance(val, dict) else PairedDataset(Path(val), task, seed=train["seed"]))
 
     prepare_cpu_comm_op()
     engine, *_ = deepspeed.initialize(
@@ -74,13 +78,17 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
 
     start = 0
     resume = session.resume_directory()
+    donor = config.get("run", {}).get("init_from")
+    if resume is None and donor is not None:  # a pbt trial's new job: the state of the trial it continues
+        resume = local_copy(donor)
     if resume is not None:
         with resume as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
             start = client_state["iteration"]
             restore_rng(Path(directory) / f"rng_rank{rank}.pt")
+        set_hyperparameters(engine, train["lr"], train["weight_decay"])
 
-    sampler = PatchBatchSampler(len(train_set), schedule, total_iterations=train["iterations"], seed=train["seed"],
+    sampler = PatchBatchSampler(len(train_set), schedule, total_iterations=stop_iteration(config), seed=train["seed"],
                                 start_iteration=start, rank=rank, world_size=world_size)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0)
     fault = config.get("fault")
@@ -100,7 +108,10 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
         window_images += inputs.shape[0]
         window_iterations += 1
 
-        if step % train["log_every"] and step % train["val_every"] and step % train["checkpoint_every"] and step != train["iterations"]:
+        # Report every log_every iterations, at validations and checkpoints, and after the first
+        # iteration: progress (and the sweep's start-up benchmark) sees at once that training runs.
+        if (step % train["log_every"] and step % train["val_every"] and step % train["checkpoint_every"]
+                and step not in (start + 1, train["iterations"])):
             continue
         elapsed = time.perf_counter() - window_start
         metrics = {
@@ -114,7 +125,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
             "peak_memory_mb": peak_memory_mb(engine.device),
         }
         if step % train["val_every"] == 0 or step == train["iterations"]:
-            metrics.update(validate(engine.module, val_set, task, rank, world_size, data.get("max_val_images")))
+            metrics.update(validate_sets(engine.module, val_sets, task, rank, world_size, data.get("max_val_images")))
             result.update(metrics)
         if rank == 0:
             print(progress_line(metrics, train["iterations"], elapsed / window_iterations), flush=True)
@@ -124,6 +135,22 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
             session.report(metrics)
         window_images, window_iterations, window_start = 0, 0, time.perf_counter()
     return result
+
+
+def stop_iteration(config: dict[str, Any]) -> int:
+    """Where this run of the job stops: train.iterations, or the end of a pbt segment (`run.stop_at`;
+    the lr schedule still spans train.iterations)."""
+    return config.get("run", {}).get("stop_at") or config["train"]["iterations"]
+
+
+def set_hyperparameters(engine: Any, lr: float, weight_decay: float) -> None:
+    """The job's own base lr and weight decay on a loaded optimizer/scheduler state (the same values,
+    unless a pbt trial continues another trial's state with mutated ones): the schedule goes on from
+    the loaded iteration, scaled to the new base lr."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=weight_decay)
 
 
 def deepspeed_config(config: dict[str, Any], micro_batch: int) -> dict[str, Any]:
@@ -171,6 +198,16 @@ def validate(model: torch.nn.Module, dataset: PairedDataset, task: Task, rank: i
     metrics = dict(zip(names, means[: len(names)]))
     metrics.update({f"input_{n}": v for n, v in zip(names, means[len(names):])})
     return metrics
+
+
+def validate_sets(model: torch.nn.Module, val_sets: PairedDataset | dict[str, PairedDataset], task: Task, rank: int,
+                  world_size: int, max_images: int | None) -> dict[str, float]:
+    """`validate` on the validation set, or on each named set: the metrics per set (psnr/Rain100L) and
+    their mean over the sets (psnr, what sweeps rank and stop trials by)."""
+    if isinstance(val_sets, PairedDataset):
+        return validate(model, val_sets, task, rank, world_size, max_images)
+    return over_sets({name: validate(model, dataset, task, rank, world_size, max_images)
+                      for name, dataset in val_sets.items()})
 
 
 def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metrics: dict[str, Any],

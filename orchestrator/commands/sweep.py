@@ -47,7 +47,7 @@ def _status(args: argparse.Namespace) -> int:
               else f"no sweeps in {args.storage}")
         return 0
     spec, rows = sweep_trials(f"{absolute_storage(args.storage)}/{args.name}")
-    columns = ["trial", "tune", *(d.key for d in spec.search_space), "iteration", spec.search.metric, "mlflow"]
+    columns = ["trial", "tune", *spec.searched_keys(), "iteration", spec.search.metric, "mlflow"]
     print(format_table(rows, columns))
     return 0
 
