@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def trial_rows(grid: Any, spec: ExperimentSpec, task_metrics: list[str]) -> list
         metrics["wall_s"] = metrics.get("time_total_s")
         row: Row = {column: metrics.get(column) for column in result_columns(spec, task_metrics)}
         row.update(trial=metrics.get("trial_id") or Path(result.path).name, status=_status(result, spec))
+        if metrics.get("diverged"):  # Tune saw the worst score (orchestrator/sweep.py); the run's value was nan
+            row.update({name: None for name in spec.objectives() if name in row})
         rows.append(row)
     return sort_rows(rows, spec.search.metric, spec.search.mode)
 
@@ -37,13 +40,18 @@ def _status(result: Any, spec: ExperimentSpec) -> str:
     if result.error is not None:
         return "error"
     iteration = (result.metrics or {}).get("iteration", 0)
+    if (result.metrics or {}).get("diverged"):
+        return f"diverged at {iteration}"
     return "finished" if iteration >= spec.train.iterations else f"stopped at {iteration}"
 
 
 def sort_rows(rows: list[Row], metric: str, mode: str) -> list[Row]:
-    """Best first; rows without the metric last."""
-    scored = [row for row in rows if row.get(metric) is not None]
-    unscored = [row for row in rows if row.get(metric) is None]
+    """Best first; rows without the metric (or with nan) last."""
+    def has_score(row: Row) -> bool:
+        return row.get(metric) is not None and not (isinstance(row[metric], float) and math.isnan(row[metric]))
+
+    scored = [row for row in rows if has_score(row)]
+    unscored = [row for row in rows if not has_score(row)]
     return sorted(scored, key=lambda row: row[metric], reverse=mode == "max") + unscored
 
 

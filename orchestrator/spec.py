@@ -279,6 +279,10 @@ class ExperimentSpec(_Section):
         grid = math.prod(len(d.values) for d in self.search_space if d.kind == "grid")
         return grid * self.search.num_samples
 
+    def objectives(self) -> dict[str, str]:
+        """Metric -> max/min of what the search optimises (one metric, or the multi-objective set)."""
+        return dict(self.search.objectives) if self.search.objectives else {self.search.metric: self.search.mode}
+
     def searched_keys(self) -> list[str]:
         """The dotted keys whose values differ between trials: the search space's, then those only pbt mutates."""
         space = [d.key for d in self.search_space]

@@ -30,6 +30,7 @@ A cluster joined with `--address` must define `trial_slot` itself.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -88,17 +89,29 @@ class SweepOutcome:
 # the trial (runs in a Tune trial actor)
 
 
+DIVERGED_SCORE = {"max": -1e9, "min": 1e9}  # what Tune sees for a diverged (nan) trial: the worst score
+
+
+def scored_for_tune(metrics: dict[str, Any], objectives: dict[str, str]) -> dict[str, Any]:
+    """`metrics` with a non-finite objective (a diverged run: nan loss, nan psnr) replaced by the worst
+    score and `diverged` set: ASHA and PBT never cut or copy by nan, which compares false both ways."""
+    bad = [name for name in objectives if isinstance(metrics.get(name), float) and not math.isfinite(metrics[name])]
+    if not bad:
+        return metrics
+    return {**metrics, **{name: DIVERGED_SCORE[objectives[name]] for name in bad}, "diverged": True}
+
+
 class TrialReportCallback(TuneReportCallback):
     """Forwards the job's validation reports (those holding `validation_metric`) to Tune, with the
     model's size metrics added; the other reports (loss logging) go to MLflow only."""
 
-    def __init__(self, validation_metric: str, extra: dict[str, float]) -> None:
+    def __init__(self, validation_metric: str, extra: dict[str, float], objectives: dict[str, str]) -> None:
         super().__init__()
-        self.validation_metric, self.extra = validation_metric, extra
+        self.validation_metric, self.extra, self.objectives = validation_metric, extra, objectives
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if self.validation_metric in metrics[0]:
-            super().after_report(run_context, [{**metrics[0], **self.extra}], checkpoint)
+            super().after_report(run_context, [scored_for_tune({**metrics[0], **self.extra}, self.objectives)], checkpoint)
 
 
 def model_profile(model_config: dict[str, Any]) -> dict[str, float]:
@@ -135,7 +148,7 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     if spec.search.scheduler == "pbt":
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
-    callback = TrialReportCallback(validation_metric, profile)
+    callback = TrialReportCallback(validation_metric, profile, spec.objectives())
     make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
 
 
@@ -164,7 +177,8 @@ def run_pbt_trial(spec: ExperimentSpec, config: dict[str, Any], searched: dict[s
         pointer = {"trial_id": trial_id, "job": run["name"], "iteration": done, "path": result.checkpoint.path}
         with tempfile.TemporaryDirectory(prefix="restorch-pbt-") as folder:
             (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
-            tune.report({**result.metrics, **config["trial_run"]["profile"], "done": done >= total},
+            tune.report(scored_for_tune({**result.metrics, **config["trial_run"]["profile"], "done": done >= total},
+                                        spec.objectives()),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
 
