@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -272,8 +273,8 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
         client.log_param(run_id, key, value)
     for row in rows:
         for key, value in row.items():
-            if isinstance(value, (int, float)):
-                client.log_metric(run_id, f"{row['model']}.{key}", float(value))
+            if isinstance(value, (int, float)):  # MLflow names allow no '+': restormer+glmha -> restormer_glmha
+                client.log_metric(run_id, re.sub(r"[^\w\-. :/]", "_", f"{row['model']}.{key}"), float(value))
     client.log_text(run_id, format_table(rows), f"{kind}.txt")
     client.log_text(run_id, to_csv(rows), f"{kind}.csv")
     client.set_terminated(run_id)

@@ -1,0 +1,49 @@
+"""`restorch bench`: ratios to the baseline measured in one run, logged as an MLflow benchmark run.
+Tiny models and one round: these check what is computed and logged, not speed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_RESTORMER
+from orchestrator.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
+
+
+def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
+    variants = {"restormer": TINY_RESTORMER, "restormer+glmha": {**TINY_RESTORMER, "attention": "glmha"}}
+    base, glmha = bench_models(size=32, repeats=1, warmup=0, variants=variants)
+    assert base["fwd_ratio"] == base["fwd_bwd_ratio"] == base["activation_ratio"] == 1.0
+    assert glmha["fwd_bwd_ratio"] == pytest.approx(glmha["fwd_bwd_s"] / base["fwd_bwd_s"])
+    assert glmha["conv_gmacs"] < base["conv_gmacs"] and glmha["params_m"] < base["params_m"]
+    assert base["activation_mb"] > 0
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(log_benchmark("models", [base, glmha], {"size": 32}, uri))
+    assert run.data.tags["restorch.kind"] == "benchmark" and run.data.params["size"] == "32"
+    assert run.data.metrics["restormer_glmha.fwd_bwd_ratio"] == pytest.approx(glmha["fwd_bwd_ratio"])
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"models.txt", "models.csv"}
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == BENCHMARK_EXPERIMENT
+
+
+def test_deepspeed_overhead_is_plain_over_deepspeed_throughput():
+    # DeepSpeed and its process group stay out of the pytest process
+    script = ("import json\nfrom orchestrator.benchmarks import bench_train\n"
+              f"print(json.dumps(bench_train(patch=32, repeats=1, warmup=0, variants={{'tiny': {TINY_RESTORMER!r}}})))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["model"] == "tiny" and row["plain_img_s"] > 0 and row["deepspeed_img_s"] > 0
+    assert row["deepspeed_overhead"] == pytest.approx(row["plain_img_s"] / row["deepspeed_img_s"])
+
+
+@pytest.mark.slow
+def test_sweep_overhead_runs_the_same_trials_both_ways(tmp_path):
+    script = ("import json\nfrom orchestrator.benchmarks import bench_sweep\n"
+              f"print(json.dumps(bench_sweep(trials=2, concurrent=2, iterations=4, folder={str(tmp_path)!r})))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200, check=True)
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["direct_s"] > 0 and row["sweep_overhead"] == pytest.approx(row["sweep_s"] / row["direct_s"])
+    assert 0 < row["first_iteration_s"] < row["sweep_s"]
