@@ -279,8 +279,6 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
         search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
         metric=search.metric if single else None,
         mode=search.mode if single else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-        # a finished trial's actor (a process that has imported torch, MLflow, Ray Train) runs the next trial
-        reuse_actors=True,
     )
     storage_path, storage_filesystem = ray_storage(spec.storage.path, spec.storage.endpoint_url)
     run_config = tune.RunConfig(
