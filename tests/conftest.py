@@ -17,6 +17,20 @@ TINY_RESTORMER = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "nu
                   "heads": [1, 1, 1, 1]}
 
 
+def two_factor_ablation(**settings: object) -> dict:
+    """A fresh `ablation:` section: CSA baseline; attention (GLMHA, Performer) x FFN width (x2, x1.5)."""
+    return {
+        "baseline": {"label": "CSA", "set": {"model.attention": "csa"}},
+        "factors": {
+            "attention": [{"label": "GLMHA", "set": {"model.attention": "glmha"}},
+                          {"label": "Performer", "set": {"model.attention": "performer"}}],
+            "ffn": [{"label": "FFN x2", "set": {"model.ffn_expansion_factor": 2.0}},
+                    {"label": "FFN x1.5", "set": {"model.ffn_expansion_factor": 1.5}}],
+        },
+        **settings,
+    }
+
+
 @pytest.fixture(scope="session")
 def derain_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic deraining set (Restormer layout, train/ and val/ splits), made once per session."""

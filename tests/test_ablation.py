@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TINY_RESTORMER
+from conftest import TINY_RESTORMER, two_factor_ablation
 from mlflow.tracking import MlflowClient
 
 from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, recipe_file, recipes, spec_variants
@@ -31,17 +31,7 @@ def ablation_spec(mode: str = "one_at_a_time", **ablation: Any) -> dict[str, Any
         "model": dict(TINY_RESTORMER),
         "task": "deraining",
         "data": {"train": "data/train", "val": "data/val", "patch_size": 32, "batch_size": 2},
-        "ablation": {
-            "mode": mode,
-            "baseline": {"label": "CSA", "set": {"model.attention": "csa"}},
-            "factors": {
-                "attention": [{"label": "GLMHA", "set": {"model.attention": "glmha"}},
-                              {"label": "Performer", "set": {"model.attention": "performer"}}],
-                "ffn": [{"label": "FFN x2", "set": {"model.ffn_expansion_factor": 2.0}},
-                        {"label": "FFN x1.5", "set": {"model.ffn_expansion_factor": 1.5}}],
-            },
-            **ablation,
-        },
+        "ablation": two_factor_ablation(mode=mode, **ablation),
     }
 
 

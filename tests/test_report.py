@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TINY_RESTORMER
+from conftest import TINY_RESTORMER, two_factor_ablation
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from servers import BIN
@@ -42,16 +42,7 @@ def ablation_spec(name: str, data: Path, tmp_path: Path, **ablation: Any) -> dic
         "search": {"max_concurrent_trials": 2},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "storage": {"path": str(tmp_path / "runs")},
-        "ablation": {
-            "baseline": {"label": "CSA", "set": {"model.attention": "csa"}},
-            "factors": {
-                "attention": [{"label": "GLMHA", "set": {"model.attention": "glmha"}},
-                              {"label": "Performer", "set": {"model.attention": "performer"}}],
-                "ffn": [{"label": "FFN x2", "set": {"model.ffn_expansion_factor": 2.0}},
-                        {"label": "FFN x1.5", "set": {"model.ffn_expansion_factor": 1.5}}],
-            },
-            **ablation,
-        },
+        "ablation": two_factor_ablation(**ablation),
     }
 
 
