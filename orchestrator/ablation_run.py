@@ -11,10 +11,9 @@ finds it; orchestrator/report.py then builds the table from these runs alone.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
@@ -22,7 +21,8 @@ from orchestrator.jobs import absolute_storage
 from orchestrator.report import child_runs
 from orchestrator.spec import VARIANT_KEY, ExperimentSpec, resolve_trial
 from orchestrator.sweep import model_profile, run_sweep
-from orchestrator.tracking import TRIAL_TAG, close_sweep_run, open_sweep_run, open_trial_run, resolve_uri
+from orchestrator.tracking import (TRIAL_TAG, close_sweep_run, numeric_metrics, open_sweep_run, open_trial_run,
+                                   resolve_uri)
 
 
 @dataclass
@@ -67,8 +67,7 @@ def _profile_variants(spec: ExperimentSpec) -> AblationRun:
     for index, variant in enumerate(spec_variants(spec)):
         profile = model_profile(resolve_trial(base, variant.assignments)["model"])
         run_id, _ = open_trial_run(tracking, f"variant_{index:03d}", variant.label)
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in profile.items()],
+        client.log_batch(run_id, metrics=numeric_metrics(profile, 0),
                          params=[Param(key, str(value)) for key, value in variant.assignments.items()],
                          tags=_variant_tags(variant, spec.train.seed))
         client.set_terminated(run_id)

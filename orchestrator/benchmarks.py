@@ -259,7 +259,7 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import resolve_uri
+    from orchestrator.tracking import numeric_metrics, resolve_uri
 
     client = MlflowClient(resolve_uri(uri))
     experiment = client.get_experiment_by_name(BENCHMARK_EXPERIMENT)
@@ -271,10 +271,9 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     run_id = run.info.run_id
     for key, value in settings.items():
         client.log_param(run_id, key, value)
-    for row in rows:
-        for key, value in row.items():
-            if isinstance(value, (int, float)):  # MLflow names allow no '+': restormer+glmha -> restormer_glmha
-                client.log_metric(run_id, re.sub(r"[^\w\-. :/]", "_", f"{row['model']}.{key}"), float(value))
+    # one metric per row and column; MLflow names allow no '+': restormer+glmha -> restormer_glmha
+    numbers = {re.sub(r"[^\w\-. :/]", "_", f"{row['model']}.{key}"): value for row in rows for key, value in row.items()}
+    client.log_batch(run_id, metrics=numeric_metrics(numbers, 0))
     client.log_text(run_id, format_table(rows), f"{kind}.txt")
     client.log_text(run_id, to_csv(rows), f"{kind}.csv")
     client.set_terminated(run_id)

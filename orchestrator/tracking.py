@@ -51,12 +51,18 @@ VERSIONED_PACKAGES = ("restorch", "torch", "ray", "deepspeed", "mlflow", "optuna
 _BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of an embedded SQLite store URI (sqlite:///path), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, absolute: relative SQLite files and plain folders are resolved here,
     in the driver's working directory, not in some worker's."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    database = sqlite_file(uri)
+    if database is not None and not database.is_absolute():
+        return f"sqlite:///{database.resolve()}"
     if "://" not in uri:
         return Path(uri).resolve().as_uri()
     return uri
@@ -64,9 +70,8 @@ def resolve_uri(uri: str | None) -> str:
 
 def _artifact_root(uri: str) -> str | None:
     """Embedded SQLite store: artifacts in `mlartifacts/` beside the database; a server decides itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
-    return None
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / ARTIFACTS_DIR).as_uri()
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -91,6 +96,13 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+def numeric_metrics(values: dict[str, Any], step: int) -> list[Metric]:
+    """The numbers among `values` (bools and text left out) as MLflow metrics at `step`, stamped now."""
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -190,7 +202,8 @@ def trial_statuses(spec: ExperimentSpec, sweep_path: str) -> dict[str, str]:
     """MLflow status of each trial's child run of the sweep stored at `sweep_path` (trial id -> status);
     empty when the store holds no such sweep. Creates nothing."""
     uri = resolve_uri(spec.tracking.uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    database = sqlite_file(uri)
+    if database is not None and not database.exists():
         return {}
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
@@ -226,8 +239,7 @@ def log_pbt_job(tracking: dict[str, Any], run_id: str, *, job: str, iteration: i
     at that step (the history of the mutated lr / weight decay) and, when the job continues `donor`'s
     checkpoint (an exploitation), the tag EXPLOIT_TAG.{job} naming the iteration, donor and values."""
     client = MlflowClient(tracking["uri"])
-    numbers = [Metric(key, float(value), _now_ms(), iteration) for key, value in values.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    numbers = numeric_metrics(values, iteration)
     described = ", ".join(f"{key}={value}" for key, value in values.items())
     tags = [RunTag(f"{EXPLOIT_TAG}.{job}", f"iteration {iteration} from trial {donor}: {described}")] if donor else []
     client.log_batch(run_id, metrics=numbers, tags=tags)
@@ -249,17 +261,12 @@ class TrackedSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         step = int(metrics["iteration"])
-        numbers = [Metric(key, float(value), _now_ms(), step) for key, value in metrics.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        numbers = numeric_metrics(metrics, step)
         tags = [RunTag(CHECKPOINT_TAG, metrics["checkpoint_path"])] if "checkpoint_path" in metrics else []
         self.client.log_batch(self.run_id, metrics=numbers, tags=tags)
         if checkpoint_dir is not None and (Path(checkpoint_dir) / CONSOLIDATED_MODEL).exists():
             self.client.log_artifact(self.run_id, str(Path(checkpoint_dir) / CONSOLIDATED_MODEL), "model")
         self.session.report(metrics, checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -274,8 +281,7 @@ def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     sections = {key: config[key] for key in ("model", "task", "data", "train", "deepspeed", "resources")}
     logged = client.get_run(run_id).data.params
     if not logged:  # the trial's first job run
-        profile = [Metric(key, float(value), _now_ms(), 0) for key, value in tracking["profile"].items()]
-        client.log_batch(run_id, metrics=profile)
+        client.log_batch(run_id, metrics=numeric_metrics(tracking["profile"], 0))
     # MLflow refuses to change a param: a job run again (resumed, a pbt trial's next segment or job) logs only
     # new keys; a pbt trial's changed values are metrics and tags (log_pbt_job).
     _log_params(client, run_id, {key: value for key, value in flatten(sections).items() if key not in logged})

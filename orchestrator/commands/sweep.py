@@ -14,8 +14,10 @@ def mlflow_ui_command(uri: str) -> str:
     when it is in the working directory)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    database = Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("sqlite:///") and database.parent == Path.cwd():
+    from orchestrator.tracking import sqlite_file
+
+    database = sqlite_file(uri)
+    if database is not None and database.parent == Path.cwd():
         uri = f"sqlite:///{database.name}"
     return f"mlflow ui --backend-store-uri {uri}"
 
