@@ -6,8 +6,6 @@ as a `benchmark` run with its table as artifacts.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import platform
 import re
@@ -22,6 +20,7 @@ import torch
 from models import build_model, list_models
 from models.attention import ATTENTIONS
 from models.profile import activation_bytes, profile_model
+from orchestrator.results import to_csv
 
 BASELINE = "restormer"  # CSA-Restormer: every ratio is to it
 BENCHMARK_EXPERIMENT = "restorch-benchmarks"
@@ -217,7 +216,7 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     sweep_s = time.time() - started_at
 
     client = MlflowClient(raw["tracking"]["uri"])
-    experiment = client.get_experiment_by_name("bench-sweep")
+    experiment = client.get_experiment_by_name(raw["tracking"]["experiment"])
     children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''")
     first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, "iteration")
                           if m.step == 1) / 1000
@@ -247,14 +246,6 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any], uri: str | None = None) -> str:
     """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
     from mlflow.tracking import MlflowClient
@@ -275,6 +266,6 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     numbers = {re.sub(r"[^\w\-. :/]", "_", f"{row['model']}.{key}"): value for row in rows for key, value in row.items()}
     client.log_batch(run_id, metrics=numeric_metrics(numbers, 0))
     client.log_text(run_id, format_table(rows), f"{kind}.txt")
-    client.log_text(run_id, to_csv(rows), f"{kind}.csv")
+    client.log_text(run_id, to_csv(rows, list(rows[0])), f"{kind}.csv")
     client.set_terminated(run_id)
     return run_id
