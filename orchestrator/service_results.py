@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.results import sort_rows
 from orchestrator.spec import ExperimentSpec
-from orchestrator.storage import filesystem
+from orchestrator.storage import filesystem, read_text
 
 
 def experiment_folder(spec: ExperimentSpec) -> str:
@@ -61,16 +61,11 @@ def sweep_result(spec: ExperimentSpec) -> dict[str, Any] | None:
 
 def report_files(spec: ExperimentSpec) -> dict[str, str]:
     """The report files of a sweep or ablation that exist in its folder (name -> text)."""
-    import pyarrow.fs
-
     from orchestrator.sweep import BEST_SPEC_FILE, RESULTS_FILE
 
-    fs, path = filesystem(experiment_folder(spec), spec.storage.endpoint_url)
-    files = {}
-    for name in (RESULTS_FILE, BEST_SPEC_FILE):
-        if fs.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
-            with fs.open_input_stream(f"{path}/{name}") as stream:
-                files[name] = stream.read().decode()
+    folder = experiment_folder(spec)
+    stored = {name: read_text(folder, name, spec.storage.endpoint_url) for name in (RESULTS_FILE, BEST_SPEC_FILE)}
+    files = {name: text for name, text in stored.items() if text is not None}
     if spec.ablation is not None:
         files.update(ablation_tables(spec))
     return files

@@ -48,3 +48,20 @@ def ray_storage(location: str, endpoint_url: str | None = None) -> tuple[str, py
     fs, path = filesystem(location, endpoint_url)
     return path, fs
 
+
+
+def write_text(folder: str, name: str, text: str, endpoint_url: str | None = None) -> None:
+    """`text` as the file `name` in `folder` (local or S3), the folder made if needed."""
+    fs, path = filesystem(folder, endpoint_url)
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/{name}") as stream:
+        stream.write(text.encode())
+
+
+def read_text(folder: str, name: str, endpoint_url: str | None = None) -> str | None:
+    """The text of the file `name` in `folder` (local or S3), or None if there is no such file."""
+    fs, path = filesystem(folder, endpoint_url)
+    if fs.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{name}") as stream:
+        return stream.read().decode()

@@ -48,7 +48,7 @@ from orchestrator.progress import ProgressTable
 from orchestrator.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
 from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, mutation_domains, parse_spec,
                                resolve_trial)
-from orchestrator.storage import filesystem, ray_storage
+from orchestrator.storage import filesystem, ray_storage, read_text, write_text
 from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run,
                                    resolve_uri)
 
@@ -250,20 +250,10 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _write(folder: str, name: str, text: str, endpoint_url: str | None) -> None:
-    fs, path = filesystem(folder, endpoint_url)
-    fs.create_dir(path)
-    with fs.open_output_stream(f"{path}/{name}") as stream:
-        stream.write(text.encode())
-
-
 def read_stored_spec(folder: str, endpoint_url: str | None = None) -> ExperimentSpec | None:
     """The spec a sweep in storage was started with, or None if there is none."""
-    fs, path = filesystem(folder, endpoint_url)
-    if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(f"{path}/{SPEC_FILE}") as stream:
-        return parse_spec(yaml.safe_load(stream.read().decode()), source=f"{folder}/{SPEC_FILE}")
+    text = read_text(folder, SPEC_FILE, endpoint_url)
+    return None if text is None else parse_spec(yaml.safe_load(text), source=f"{folder}/{SPEC_FILE}")
 
 
 def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str) -> Any:
@@ -332,7 +322,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
         tuner = tune.Tuner.restore(storage_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)
     else:
-        _write(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
+        write_text(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
         tuner = _new_tuner(spec, trainable, tracking, task_metrics)
     grid = tuner.fit()
 
@@ -356,5 +346,5 @@ def _finish(outcome: SweepOutcome, tracking: dict[str, str]) -> None:
             best_spec["search"].update(scheduler="fifo", perturbation_interval=None, hyperparam_mutations=None)
         files[BEST_SPEC_FILE] = yaml.safe_dump(best_spec, sort_keys=False)
     for name, text in files.items():
-        _write(outcome.path, name, text, spec.storage.endpoint_url)
+        write_text(outcome.path, name, text, spec.storage.endpoint_url)
     close_sweep_run(tracking, failed=outcome.errors > 0, files=files, best=best)
