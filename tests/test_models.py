@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from models import build_model, list_models
 from models.attention import ATTENTIONS, build_attention
+from models.attention.base import cosine_logits
+from models.attention.glmha import ScaledInputPointwiseConv
+from models.layers import channel_chunks
 from models.profile import count_params, profile_model
 
 GLMHA_LEVELS = [
@@ -81,6 +85,67 @@ def test_attention_contract(name: str):
     attention.eval()
     with torch.no_grad():
         assert torch.equal(attention(x), attention(x))
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_attention_same_in_both_memory_layouts(name: str):
+    """The channels-last fast paths (strided head views, pixel-major products) compute what the
+    channels-first layout does, values and gradients."""
+    torch.manual_seed(0)
+    attention = build_attention(name, 16, 2, False)
+    x = torch.randn(3, 16, 6, 10)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        attention.zero_grad()
+        x_in = x.clone(memory_format=layout).requires_grad_()
+        out = attention(x_in)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, x_in.grad, [p.grad.clone() for p in attention.parameters()]))
+    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_cosine_logits_match_normalised_product():
+    """cosine_logits' hand-written backward = autograd through F.normalize (a zero row included)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 10, dtype=torch.float64)
+    q[0, 1, 2] = 0  # a zero token: its norm is clamped and its gradient along q vanishes
+    q.requires_grad_()
+    k = torch.randn(2, 3, 5, 10, dtype=torch.float64, requires_grad=True)
+    temperature = torch.rand(3, 1, 1, dtype=torch.float64, requires_grad=True)
+    expected = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * temperature
+    fused = cosine_logits(q, k, temperature)
+    torch.testing.assert_close(fused, expected)
+    upstream = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(fused, (q, k, temperature), upstream),
+                    torch.autograd.grad(expected, (q, k, temperature), upstream)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(cosine_logits, (torch.randn(1, 2, 3, 7, dtype=torch.float64, requires_grad=True),
+                                                    torch.randn(1, 2, 3, 7, dtype=torch.float64, requires_grad=True),
+                                                    temperature[:2].detach().requires_grad_()))
+
+
+def test_channel_chunks_keep_the_channels_last_layout_in_backward():
+    x = torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    parts = channel_chunks(x, 3)
+    for part, reference in zip(parts, x.chunk(3, dim=1)):
+        assert torch.equal(part, reference)
+    sum(part.sum() * (i + 1) for i, part in enumerate(parts)).backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x.grad, torch.arange(1.0, 4.0).repeat_interleave(2).view(1, 6, 1, 1).expand_as(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_glmha_scaled_pointwise_conv_is_conv_of_scaled_input(bias: bool):
+    torch.manual_seed(0)
+    conv = ScaledInputPointwiseConv(6, 4, bias)
+    x = torch.randn(3, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(3, 6) + 0.5
+    expected = F.conv2d(x * scale[:, :, None, None], conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x, scale), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTIONS))

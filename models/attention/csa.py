@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from models.attention.base import ChannelAttention, conv_projection, l2_normalize
+from models.attention.base import ChannelAttention, conv_projection, cosine_logits, pixel_major_product
+from models.layers import channel_chunks
 
 
 class ChannelSelfAttention(ChannelAttention):
@@ -17,7 +18,6 @@ class ChannelSelfAttention(ChannelAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=1))
-        attn = (l2_normalize(q) @ l2_normalize(k).transpose(-2, -1)) * self.temperature
-        out = attn.softmax(dim=-1) @ v
+        q, k, v = (self.split_heads(t) for t in channel_chunks(self.qkv(x), 3))
+        out = pixel_major_product(cosine_logits(q, k, self.temperature).softmax(dim=-1), v)
         return self.project_out(self.merge_heads(out, height, width))

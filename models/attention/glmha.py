@@ -13,6 +13,8 @@ Interpretations taken (the paper leaves them open, and has no public code):
   reading with a global pool and a C x C linear layer adds back the parameters the K/V reduction
   saves, contradicting the paper's counts; this reading keeps params and MACs below them.
 - W_K', W_V' are one 1x1 conv C -> 2C' followed by a 3x3 depthwise conv (MDTA's projection);
+  the 1x1 conv applies X' = X (1 + alpha A) by scaling its weight columns per sample instead of
+  the input (the same product, without a full pass over X forward and two backward);
   q and K' are L2-normalised over HW and 1/beta is MDTA's learnable per-head temperature.
 - C' = C (1 - r) rounded to the nearest multiple of the head count (every head gets C'/h key
   channels); a reduction that leaves no channel is an error.
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import ChannelAttention, conv_projection, l2_normalize
+from models.attention.base import ChannelAttention, conv_projection, cosine_logits, pixel_major_product
+from models.layers import channel_chunks
 
 
 def reduced_width(dim: int, num_heads: int, kv_reduction: float) -> int:
@@ -60,6 +63,26 @@ class Calibration(nn.Module):
         return torch.tanh(self.compress(pooled.flatten(2))).squeeze(-1)
 
 
+class ScaledInputPointwiseConv(nn.Conv2d):
+    """1x1 conv of `x * scale[:, :, None, None]` for a per-sample channel scale (B, C_in).
+
+    Computed as one batched matrix product of the pixels with the weight scaled per sample,
+    (W diag(scale_b)) x_b, so the scaled input is never materialised. A channels-last x is read in
+    place and the output is channels-last.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, c, h, w = x.shape
+        weight = self.weight[None, :, :, 0, 0] * scale[:, None, :]  # (B, C_out, C_in)
+        out = torch.bmm(x.permute(0, 2, 3, 1).reshape(b, h * w, c), weight.transpose(1, 2))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 class GuidedLowRankAttention(ChannelAttention):
     def __init__(
         self,
@@ -76,14 +99,18 @@ class GuidedLowRankAttention(ChannelAttention):
         self.kv_width = reduced_width(dim, num_heads, kv_reduction)
         self.q = conv_projection(dim, dim, bias)
         self.calibrate = Calibration(dim, pool_size, dw_kernel)
-        self.kv = conv_projection(dim, self.kv_width * 2, bias)
+        # MDTA's projection (1x1 then 3x3 depthwise), its 1x1 conv taking the calibration scale.
+        self.kv = nn.Sequential(
+            ScaledInputPointwiseConv(dim, self.kv_width * 2, bias),
+            nn.Conv2d(self.kv_width * 2, self.kv_width * 2, 3, padding=1, groups=self.kv_width * 2, bias=bias),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         q = self.q(x)
-        scale = 1.0 + self.alpha * self.calibrate(q)[:, :, None, None]  # X' = X + X (alpha A) = X (1 + alpha A)
-        k, v = (self.split_heads(t) for t in self.kv(x * scale).chunk(2, dim=1))
+        scale = 1.0 + self.alpha * self.calibrate(q)  # X' = X + X (alpha A) = X (1 + alpha A)
+        pointwise, depthwise = self.kv
+        k, v = (self.split_heads(t) for t in channel_chunks(depthwise(pointwise(x, scale)), 2))
         q = self.split_heads(q)
-        attn = (l2_normalize(q) @ l2_normalize(k).transpose(-2, -1)) * self.temperature
-        out = attn.softmax(dim=-1) @ v
+        out = pixel_major_product(cosine_logits(q, k, self.temperature).softmax(dim=-1), v)
         return self.project_out(self.merge_heads(out, height, width))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention.base import ChannelAttention, conv_projection, l2_normalize
+from models.attention.base import ChannelAttention, conv_projection, l2_normalize, pixel_major_product
 
 
 class LinformerAttention(ChannelAttention):
@@ -32,5 +32,5 @@ class LinformerAttention(ChannelAttention):
         k = torch.einsum("kd,bhdn->bhkn", self.project_k.weight, l2_normalize(k))
         v = torch.einsum("kd,bhdn->bhkn", self.project_v.weight, v)
         attn = (l2_normalize(q) @ k.transpose(-2, -1)) * self.temperature
-        out = attn.softmax(dim=-1) @ v
+        out = pixel_major_product(attn.softmax(dim=-1), v)
         return self.project_out(self.merge_heads(out, height, width))

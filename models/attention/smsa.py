@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention.base import ChannelAttention, l2_normalize
+from models.attention.base import ChannelAttention, cosine_logits, pixel_major_product
 
 
 class SpectralSelfAttention(ChannelAttention):
@@ -28,6 +28,5 @@ class SpectralSelfAttention(ChannelAttention):
         height, width = x.shape[-2:]
         q_map, k_map, v_map = self.to_qkv(x).chunk(3, dim=1)
         q, k, v = (self.split_heads(t) for t in (q_map, k_map, v_map))
-        attn = (l2_normalize(k) @ l2_normalize(q).transpose(-2, -1)) * self.temperature
-        out = attn.softmax(dim=-1) @ v
+        out = pixel_major_product(cosine_logits(k, q, self.temperature).softmax(dim=-1), v)
         return self.project_out(self.merge_heads(out, height, width)) + self.pos_emb(v_map)
