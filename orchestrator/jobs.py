@@ -14,8 +14,18 @@ from orchestrator.spec import ExperimentSpec, SpecError
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+# Ray Train V2 settings of the embedded local Ray (each can be overridden from the environment).
+LOCAL_TRAIN_SETTINGS = {
+    # The controller polls its workers this often (default 2 s): each job start and end waits up to
+    # one interval, a visible share of a short trial.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Train V2 also sends workers' print() through its logger: every progress line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # One machine is never drained for preemption; the watcher is one more actor process per job.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Prometheus metrics of each job, read by no one here.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
 def job_config(spec: ExperimentSpec, run_name: str, storage_path: str) -> dict[str, Any]:
@@ -116,12 +126,10 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
     os.environ[GCS_PORT_ENV] = str(port)  # read by ray.init when it starts the head node
     try:
         env_vars = {RAY_ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}",
-                    # Train V2's controller polls its workers this often (default 2 s): each job start and
-                    # end waits up to one interval, a visible share of a short trial.
-                    HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, "0.5"),
-                    # Train V2 also sends workers' print() through its logger: every progress line twice
-                    PRINT_PATCH_ENV: os.environ.get(PRINT_PATCH_ENV, "0")}
-        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources, runtime_env={"env_vars": env_vars})
+                    **{name: os.environ.get(name, value) for name, value in LOCAL_TRAIN_SETTINGS.items()}}
+        # No dashboard: nothing here uses it (Ray Jobs go to a cluster's head), and it costs 2 s of start-up.
+        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources, include_dashboard=False,
+                 runtime_env={"env_vars": env_vars})
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_ENV)

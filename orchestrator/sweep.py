@@ -30,7 +30,6 @@ A cluster joined with `--address` must define `trial_slot` itself.
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ import pyarrow.fs
 import ray.train
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
 from orchestrator.progress import ProgressTable
@@ -51,6 +49,7 @@ from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_li
 from orchestrator.storage import filesystem, ray_storage, read_text, write_text
 from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run,
                                    resolve_uri)
+from orchestrator.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"
 PROFILE_SIZE = 256  # input size for the model-size metrics (the papers' tables use 256x256)
@@ -87,31 +86,6 @@ class SweepOutcome:
 
 # ------------------------------------------------------------------------------------------------
 # the trial (runs in a Tune trial actor)
-
-
-DIVERGED_SCORE = {"max": -1e9, "min": 1e9}  # what Tune sees for a diverged (nan) trial: the worst score
-
-
-def scored_for_tune(metrics: dict[str, Any], objectives: dict[str, str]) -> dict[str, Any]:
-    """`metrics` with a non-finite objective (a diverged run: nan loss, nan psnr) replaced by the worst
-    score and `diverged` set: ASHA and PBT never cut or copy by nan, which compares false both ways."""
-    bad = [name for name in objectives if isinstance(metrics.get(name), float) and not math.isfinite(metrics[name])]
-    if not bad:
-        return metrics
-    return {**metrics, **{name: DIVERGED_SCORE[objectives[name]] for name in bad}, "diverged": True}
-
-
-class TrialReportCallback(TuneReportCallback):
-    """Forwards the job's validation reports (those holding `validation_metric`) to Tune, with the
-    model's size metrics added; the other reports (loss logging) go to MLflow only."""
-
-    def __init__(self, validation_metric: str, extra: dict[str, float], objectives: dict[str, str]) -> None:
-        super().__init__()
-        self.validation_metric, self.extra, self.objectives = validation_metric, extra, objectives
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if self.validation_metric in metrics[0]:
-            super().after_report(run_context, [scored_for_tune({**metrics[0], **self.extra}, self.objectives)], checkpoint)
 
 
 def model_profile(model_config: dict[str, Any]) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from orchestrator.results import pareto_front, sort_rows
-from orchestrator.sweep import DIVERGED_SCORE, scored_for_tune
+from orchestrator.trial_reports import DIVERGED_SCORE, scored_for_tune
 
 
 def test_a_diverged_trial_ranks_last_and_tune_sees_the_worst_score():
