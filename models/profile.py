@@ -108,3 +108,16 @@ def activation_bytes(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward(x.requires_grad_())
     return total
+
+
+PROFILE_SIZE = 256  # input size of the model-size metrics sweeps and ablations log (the papers' tables use 256x256)
+
+
+def size_metrics(model_config: dict[str, Any], size: int = PROFILE_SIZE) -> dict[str, float]:
+    """params_m, conv_gmacs, total_gmacs of the model a config builds (shapes only, on the meta device)."""
+    from models.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    profile = profile_model(model, size=size)
+    return {"params_m": profile.params / 1e6, "conv_gmacs": profile.conv_gmacs, "total_gmacs": profile.total_gmacs}

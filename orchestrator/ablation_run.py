@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from models.profile import size_metrics
 from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
 from orchestrator.jobs import absolute_storage
 from orchestrator.report import child_runs
 from orchestrator.spec import VARIANT_KEY, ExperimentSpec, resolve_trial
-from orchestrator.sweep import model_profile, run_sweep
+from orchestrator.sweep import run_sweep
 from orchestrator.tracking import (TRIAL_TAG, close_sweep_run, numeric_metrics, open_sweep_run, open_trial_run,
                                    resolve_uri)
 
@@ -65,7 +66,7 @@ def _profile_variants(spec: ExperimentSpec) -> AblationRun:
     client = MlflowClient(tracking["uri"])
     base = spec.config()
     for index, variant in enumerate(spec_variants(spec)):
-        profile = model_profile(resolve_trial(base, variant.assignments)["model"])
+        profile = size_metrics(resolve_trial(base, variant.assignments)["model"])
         run_id, _ = open_trial_run(tracking, f"variant_{index:03d}", variant.label)
         client.log_batch(run_id, metrics=numeric_metrics(profile, 0),
                          params=[Param(key, str(value)) for key, value in variant.assignments.items()],

@@ -127,9 +127,9 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
     try:
         env_vars = {RAY_ADDRESS_ENV: f"{ray.util.get_node_ip_address()}:{port}",
                     **{name: os.environ.get(name, value) for name, value in LOCAL_TRAIN_SETTINGS.items()}}
-        # No dashboard: nothing here uses it (Ray Jobs go to a cluster's head), and it costs 2 s of start-up.
-        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources, include_dashboard=False,
-                 runtime_env={"env_vars": env_vars})
+        # The dashboard stays on (2 s of start-up): Train's placement-group cleaner asks its state API whether
+        # a job's controller is alive, and without it never frees the CPUs of a trial that ASHA stopped.
+        ray.init(address="local", num_cpus=os.cpu_count(), resources=resources, runtime_env={"env_vars": env_vars})
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_ENV)
@@ -145,7 +145,7 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.storage import ray_storage
-    from orchestrator.tracking import tracked_train_loop
+    from orchestrator.trial_job import tracked_train_loop
     from workloads.train import train_loop_per_worker
 
     fs_path, filesystem = ray_storage(storage, spec.storage.endpoint_url)

@@ -3,12 +3,15 @@
 The sweep driver (`run_sweep`) validates everything, starts or joins Ray, opens the sweep's MLflow
 parent run and runs a Tuner (or restores it, when a sweep of the same name is in storage) over
 `run_trial`, a Tune function trainable. Each trial:
-1. resolves its config (the spec with the sampled values at their dotted keys) and profiles the model;
+1. resolves its config (the spec with the sampled values at their dotted keys);
 2. finds or creates its MLflow child run (orchestrator/tracking.py);
 3. builds and fits its own TorchTrainer (orchestrator/jobs.py) named after the trial id, so that a
    re-run of the trial (after an error, or when the sweep is resumed) resumes the job from its last
    checkpoint (Ray Train V2 resumes a run of the same name and storage);
-4. forwards the job's validation reports to Tune (`TrialReportCallback`), with the model's size.
+4. forwards the job's validation reports to Tune (`TrialReportCallback`), which carry the model's size
+   metrics (rank 0 computes them: orchestrator/trial_job.py).
+The trial actor imports neither torch nor DeepSpeed: each trial starts three processes (trial actor,
+Train controller, Train worker) on a 2-core machine, and each import is paid once per trial.
 
 Population based training (`search.scheduler: pbt`, `run_pbt_trial`): under Ray Train V2 a trial's
 job hands Tune no checkpoint, and PBT only copies trials that have one. So a pbt trial fits its job
@@ -52,7 +55,6 @@ from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt
 from orchestrator.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"
-PROFILE_SIZE = 256  # input size for the model-size metrics (the papers' tables use 256x256)
 SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
 POINTER_FILE = "train_checkpoint.json"  # a pbt trial's Tune checkpoint: which job checkpoint it stands for
 
@@ -88,19 +90,6 @@ class SweepOutcome:
 # the trial (runs in a Tune trial actor)
 
 
-def model_profile(model_config: dict[str, Any]) -> dict[str, float]:
-    """params_m, conv_gmacs, total_gmacs of the model at PROFILE_SIZE (shapes only, on the meta device)."""
-    import torch
-
-    from models import build_model
-    from models.profile import profile_model
-
-    with torch.device("meta"):
-        model = build_model(model_config)
-    profile = profile_model(model, size=PROFILE_SIZE)
-    return {"params_m": profile.params / 1e6, "conv_gmacs": profile.conv_gmacs, "total_gmacs": profile.total_gmacs}
-
-
 def _plain(value: Any) -> Any:
     """Tune/optuna samples may be numpy scalars; the spec and YAML want Python ones."""
     return value.item() if hasattr(value, "item") else value
@@ -112,17 +101,16 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     context = tune.get_context()
     trial_id = context.get_trial_id()
     spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}))
-    profile = model_profile(spec.model)
     run_id, finished = open_trial_run(tracking, trial_id, context.get_trial_name())
     if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
-        tune.report({**finished, **profile, "done": True})  # done: no scheduler acts on it (pbt would restart it)
+        tune.report({**finished, "done": True})  # done: no scheduler acts on it (pbt would restart it)
         return
     config = job_config(spec, trial_id, jobs_path)
-    config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id, "profile": profile}
+    config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id}
     if spec.search.scheduler == "pbt":
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
-    callback = TrialReportCallback(validation_metric, profile, spec.objectives())
+    callback = TrialReportCallback(validation_metric, spec.objectives())
     make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
 
 
@@ -151,7 +139,7 @@ def run_pbt_trial(spec: ExperimentSpec, config: dict[str, Any], searched: dict[s
         pointer = {"trial_id": trial_id, "job": run["name"], "iteration": done, "path": result.checkpoint.path}
         with tempfile.TemporaryDirectory(prefix="restorch-pbt-") as folder:
             (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
-            tune.report(scored_for_tune({**result.metrics, **config["trial_run"]["profile"], "done": done >= total},
+            tune.report(scored_for_tune({**result.metrics, "done": done >= total},
                                         spec.objectives()),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 

@@ -7,7 +7,8 @@ Who logs what:
   finally the parent run itself (`close_sweep_run`, with the results table);
 - the driver side of each trial (the Tune function trainable) finds or creates the trial's child run
   (`open_trial_run`), so that a trial re-run after a failure or a resume continues the same run;
-- rank 0 of the trial's Ray Train job (`tracked_train_loop`, the workers' entry point in sweeps)
+- rank 0 of the trial's Ray Train job (`tracked_train_loop` in orchestrator/trial_job.py, the workers'
+  entry point in sweeps)
   logs everything else into it: flattened params, the profiler numbers, each report's metrics, the
   latest checkpoint's location, the final consolidated model (`model/model.pt`) and the status;
 - a pbt trial's driver side also logs each job it starts (`log_pbt_job`): its lr / weight decay as
@@ -36,8 +37,6 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from orchestrator.spec import ExperimentSpec
-from workloads.session import RayTrainSession
-from workloads.train import CONSOLIDATED_MODEL, run_training, stop_iteration
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -105,7 +104,7 @@ def numeric_metrics(values: dict[str, Any], step: int) -> list[Metric]:
             if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
-def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(key, str(value)) for key, value in params.items()]
     for start in range(0, len(items), _BATCH):
         client.log_batch(run_id, params=items[start : start + _BATCH])
@@ -156,7 +155,7 @@ def open_sweep_run(spec: ExperimentSpec, sweep_path: str, *, resume: bool) -> di
     client.log_text(run_id, yaml.safe_dump(spec.as_written(), sort_keys=False), "spec.yaml")
     searched = {f"space.{d.key}": f"{d.kind} {d.values}" for d in spec.search_space}
     settings = {f"search.{key}": value for key, value in flatten(spec.config()["search"]).items()}
-    _log_params(client, run_id, {**searched, **settings, "trials": spec.trial_count()})
+    log_params(client, run_id, {**searched, **settings, "trials": spec.trial_count()})
     return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run_id}
 
 
@@ -243,53 +242,3 @@ def log_pbt_job(tracking: dict[str, Any], run_id: str, *, job: str, iteration: i
     described = ", ".join(f"{key}={value}" for key, value in values.items())
     tags = [RunTag(f"{EXPLOIT_TAG}.{job}", f"iteration {iteration} from trial {donor}: {described}")] if donor else []
     client.log_batch(run_id, metrics=numbers, tags=tags)
-
-
-# ------------------------------------------------------------------------------------------------
-# rank 0 of the trial's job
-
-
-class TrackedSession:
-    """A Ray Train session whose reports are also logged to the trial's child run (rank 0 only)."""
-
-    def __init__(self, session: RayTrainSession, client: MlflowClient, run_id: str) -> None:
-        self.session, self.client, self.run_id = session, client, run_id
-        self.rank, self.world_size = session.rank, session.world_size
-
-    def resume_directory(self) -> Any:
-        return self.session.resume_directory()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
-        step = int(metrics["iteration"])
-        numbers = numeric_metrics(metrics, step)
-        tags = [RunTag(CHECKPOINT_TAG, metrics["checkpoint_path"])] if "checkpoint_path" in metrics else []
-        self.client.log_batch(self.run_id, metrics=numbers, tags=tags)
-        if checkpoint_dir is not None and (Path(checkpoint_dir) / CONSOLIDATED_MODEL).exists():
-            self.client.log_artifact(self.run_id, str(Path(checkpoint_dir) / CONSOLIDATED_MODEL), "model")
-        self.session.report(metrics, checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name)
-
-
-def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of a sweep trial's Ray Train workers: the training loop, with rank 0 logging to
-    the trial's child run (`config["trial_run"]`: uri, run_id, profile)."""
-    session = RayTrainSession()
-    if session.rank != 0:
-        return run_training(config, session)
-    tracking = config["trial_run"]
-    client = MlflowClient(tracking["uri"])
-    run_id = tracking["run_id"]
-    sections = {key: config[key] for key in ("model", "task", "data", "train", "deepspeed", "resources")}
-    logged = client.get_run(run_id).data.params
-    if not logged:  # the trial's first job run
-        client.log_batch(run_id, metrics=numeric_metrics(tracking["profile"], 0))
-    # MLflow refuses to change a param: a job run again (resumed, a pbt trial's next segment or job) logs only
-    # new keys; a pbt trial's changed values are metrics and tags (log_pbt_job).
-    _log_params(client, run_id, {key: value for key, value in flatten(sections).items() if key not in logged})
-    try:
-        result = run_training(config, TrackedSession(session, client, run_id))
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    if stop_iteration(config) >= config["train"]["iterations"]:  # else a pbt segment ended: the trial goes on
-        client.set_terminated(run_id, status="FINISHED")
-    return result

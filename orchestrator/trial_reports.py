@@ -24,13 +24,13 @@ def scored_for_tune(metrics: dict[str, Any], objectives: dict[str, str]) -> dict
 
 
 class TrialReportCallback(TuneReportCallback):
-    """Forwards the job's validation reports (those holding `validation_metric`) to Tune, with the
-    model's size metrics added; the other reports (loss logging) go to MLflow only."""
+    """Forwards the job's validation reports (those holding `validation_metric`, and the model's size
+    metrics: orchestrator/trial_job.py) to Tune; the other reports (loss logging) go to MLflow only."""
 
-    def __init__(self, validation_metric: str, extra: dict[str, float], objectives: dict[str, str]) -> None:
+    def __init__(self, validation_metric: str, objectives: dict[str, str]) -> None:
         super().__init__()
-        self.validation_metric, self.extra, self.objectives = validation_metric, extra, objectives
+        self.validation_metric, self.objectives = validation_metric, objectives
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if self.validation_metric in metrics[0]:
-            super().after_report(run_context, [scored_for_tune({**metrics[0], **self.extra}, self.objectives)], checkpoint)
+            super().after_report(run_context, [scored_for_tune(metrics[0], self.objectives)], checkpoint)
