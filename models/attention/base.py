@@ -15,10 +15,12 @@ from torch import nn
 
 def conv_projection(in_channels: int, out_channels: int, bias: bool) -> nn.Sequential:
     """MDTA's projection: 1x1 conv (mixes channels) then 3x3 depthwise conv (local spatial context)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, bias=bias),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, groups=out_channels, bias=bias),
-    )
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=bias), depthwise_conv3x3(out_channels, bias))
+
+
+def depthwise_conv3x3(channels: int, bias: bool) -> nn.Conv2d:
+    """The 3x3 depthwise half of MDTA's projection."""
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=bias)
 
 
 class ChannelAttention(nn.Module):
@@ -75,8 +77,9 @@ class _CosineLogits(torch.autograd.Function):
         # cos_ij = q_i.k_j / (|q_i||k_j|):  d/dq_i = sum_j g_ij k_j / (|q_i||k_j|) - q_i sum_j g_ij cos_ij / |q_i|^2
         # (the second term vanishes where the norm was clamped, as in F.normalize's backward).
         weights = grad_cosine * inverse_norms
-        along_q = (grad_cosine * cosine).sum(-1, keepdim=True) / q_norm.clamp_min(_NORM_EPS).square() * (q_norm > _NORM_EPS)
-        along_k = (grad_cosine * cosine).sum(-2).unsqueeze(-1) / k_norm.clamp_min(_NORM_EPS).square() * (k_norm > _NORM_EPS)
+        weighted_cosine = grad_cosine * cosine
+        along_q = weighted_cosine.sum(-1, keepdim=True) / q_norm.clamp_min(_NORM_EPS).square() * (q_norm > _NORM_EPS)
+        along_k = weighted_cosine.sum(-2).unsqueeze(-1) / k_norm.clamp_min(_NORM_EPS).square() * (k_norm > _NORM_EPS)
         # Products computed pixel-major (like q and k from a channels-last map), so the gradients
         # keep that layout and reach the projection convolution without a copy.
         grad_q = torch.addcmul(pixel_major_product(weights, k), q, along_q, value=-1)
@@ -101,6 +104,8 @@ def pixel_major_product(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     channels-last map the next convolution wants without a copy (for one head).
     """
     return (v.transpose(-2, -1) @ weights.transpose(-2, -1)).transpose(-2, -1)
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise each channel token over its H*W features (the last axis)."""
     return F.normalize(x, dim=-1)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import ChannelAttention, conv_projection, cosine_logits, pixel_major_product
+from models.attention.base import (ChannelAttention, conv_projection, cosine_logits, depthwise_conv3x3,
+                                   pixel_major_product)
 from models.layers import channel_chunks
 
 
@@ -100,10 +101,8 @@ class GuidedLowRankAttention(ChannelAttention):
         self.q = conv_projection(dim, dim, bias)
         self.calibrate = Calibration(dim, pool_size, dw_kernel)
         # MDTA's projection (1x1 then 3x3 depthwise), its 1x1 conv taking the calibration scale.
-        self.kv = nn.Sequential(
-            ScaledInputPointwiseConv(dim, self.kv_width * 2, bias),
-            nn.Conv2d(self.kv_width * 2, self.kv_width * 2, 3, padding=1, groups=self.kv_width * 2, bias=bias),
-        )
+        self.kv = nn.Sequential(ScaledInputPointwiseConv(dim, self.kv_width * 2, bias),
+                                depthwise_conv3x3(self.kv_width * 2, bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
