@@ -190,6 +190,7 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
 
     from orchestrator.jobs import job_config
     from orchestrator.spec import parse_spec, resolve_trial
+    from orchestrator.timeline import PHASES, TIMELINE_ENV, first_reached
     from orchestrator.tracking import TRIAL_TAG
     from workloads.session import LocalSession
     from workloads.synth import write_dataset
@@ -210,7 +211,9 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     spec_file = folder / "sweep.yaml"
     spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     command = [str(Path(sys.executable).parent / "restorch"), "sweep", str(spec_file), "--yes"]
+    timeline = folder / "timeline.txt"
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment[TIMELINE_ENV] = str(timeline)
     started_at = time.time()
     subprocess.run(command, check=True, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
     sweep_s = time.time() - started_at
@@ -220,9 +223,11 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''")
     first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, "iteration")
                           if m.step == 1) / 1000
-    return [{"model": "sweep", "direct_s": direct_s, "sweep_s": sweep_s,
-             "sweep_overhead": sweep_s / direct_s, "first_iteration_s": first_iteration - started_at,
-             "trial_s": direct_s / trials}]
+    reached = first_reached(timeline)  # where the start-up goes: seconds from the command to each phase
+    return [{"model": "sweep", "direct_s": direct_s, "sweep_s": sweep_s, "sweep_overhead": sweep_s / direct_s,
+             "trial_s": direct_s / trials,
+             **{f"{phase}_s": reached[phase] - started_at if phase in reached else None for phase in PHASES},
+             "first_iteration_s": first_iteration - started_at}]
 
 
 def _known_peak() -> float | None:

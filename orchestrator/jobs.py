@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.timeline import mark
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
@@ -145,8 +146,6 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.storage import ray_storage
-    from orchestrator.trial_job import tracked_train_loop
-    from workloads.train import train_loop_per_worker
 
     fs_path, filesystem = ray_storage(storage, spec.storage.endpoint_url)
     resources = spec.resources
@@ -155,7 +154,7 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
         per_worker["GPU"] = resources.gpus_per_worker or 1
     keep = None if keep_all_checkpoints else spec.search.keep_checkpoints
     return TorchTrainer(
-        tracked_train_loop if "trial_run" in config else train_loop_per_worker,
+        worker_entry,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
@@ -171,6 +170,23 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
             callbacks=callbacks,
         ),
     )
+
+
+def worker_entry(config: dict[str, Any]) -> Any:
+    """What each Ray Train worker runs: the training loop, or in a sweep trial (`config["trial_run"]`)
+    the loop with rank 0 logging to the trial's MLflow run. Imported here, in the worker: a module-level
+    import would make the processes that only build the trainer (the driver, a sweep's trial actors)
+    import the training recipe and MLflow's tracking client too."""
+    mark("worker_started")
+    if "trial_run" in config:
+        from orchestrator.trial_job import tracked_train_loop
+
+        mark("worker_imported")
+        return tracked_train_loop(config)
+    from workloads.train import train_loop_per_worker
+
+    mark("worker_imported")
+    return train_loop_per_worker(config)
 
 
 def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> Any:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ from orchestrator.results import Row, format_table, pareto_front, result_columns
 from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, mutation_domains, parse_spec,
                                resolve_trial)
 from orchestrator.storage import filesystem, ray_storage, read_text, write_text
-from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run,
-                                   resolve_uri)
+from orchestrator.timeline import mark
+from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_store, open_sweep_run,
+                                   open_trial_run, resolve_uri)
 from orchestrator.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"
@@ -98,6 +100,7 @@ def _plain(value: Any) -> Any:
 def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[str, str], jobs_path: str,
               validation_metric: str) -> None:
     """Tune function trainable: one trial = one Ray Train job with the trial's values."""
+    mark("trial_started")
     context = tune.get_context()
     trial_id = context.get_trial_id()
     spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}))
@@ -111,6 +114,7 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
     callback = TrialReportCallback(validation_metric, spec.objectives())
+    mark("trial_job_submitted")
     make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
 
 
@@ -272,7 +276,12 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
                         f"or resume that one with `restorch sweep --resume {spec.name}`")
     task_metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
 
-    init_ray(address, local_resources={TRIAL_RESOURCE: spec.search.max_concurrent_trials})
+    mark("driver_validated")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        store = pool.submit(open_store, spec.tracking.uri)
+        init_ray(address, local_resources={TRIAL_RESOURCE: spec.search.max_concurrent_trials})
+        store.result()
+    mark("driver_ray_ready")
     check_cluster_resources(spec)
     _check_trial_slots()
     storage_path, storage_filesystem = ray_storage(folder, spec.storage.endpoint_url)
@@ -286,6 +295,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
     else:
         write_text(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
         tuner = _new_tuner(spec, trainable, tracking, task_metrics)
+    mark("driver_tuner_started")
     grid = tuner.fit()
 
     rows = trial_rows(grid, spec, task_metrics)

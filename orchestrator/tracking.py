@@ -67,6 +67,12 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def open_store(uri: str) -> None:
+    """Connect to the tracking store once: MLflow creates a new SQLite store's schema on first use (about
+    3 s), which a sweep does while Ray starts."""
+    MlflowClient(uri).search_experiments(max_results=1)
+
+
 def _artifact_root(uri: str) -> str | None:
     """Embedded SQLite store: artifacts in `mlartifacts/` beside the database; a server decides itself."""
     database = sqlite_file(uri)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
 from orchestrator.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
+from orchestrator.timeline import PHASES, TIMELINE_ENV, first_reached, mark
 
 
 def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
@@ -47,3 +49,24 @@ def test_sweep_overhead_runs_the_same_trials_both_ways(tmp_path):
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["direct_s"] > 0 and row["sweep_overhead"] == pytest.approx(row["sweep_s"] / row["direct_s"])
     assert 0 < row["first_iteration_s"] < row["sweep_s"]
+    # every process of the sweep marked its start-up phases, in the order a trial goes through them
+    reached = [row[f"{phase}_s"] for phase in PHASES] + [row["first_iteration_s"]]
+    assert 0 < reached[0] and reached == sorted(reached)
+
+
+def test_timeline_keeps_when_each_phase_was_first_reached(tmp_path, monkeypatch):
+    monkeypatch.setenv(TIMELINE_ENV, str(tmp_path / "timeline.txt"))
+    before = time.time()
+    mark("driver_validated")
+    mark("worker_started")
+    mark("worker_started")
+    reached = first_reached(tmp_path / "timeline.txt")
+    assert set(reached) == {"driver_validated", "worker_started"}
+    assert before - 0.001 <= reached["driver_validated"] <= reached["worker_started"] <= time.time() + 0.001  # kept to the ms
+
+
+def test_timeline_marks_nothing_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv(TIMELINE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    mark("driver_validated")
+    assert list(tmp_path.iterdir()) == []
