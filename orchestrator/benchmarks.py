@@ -20,7 +20,7 @@ import torch
 from models import build_model, list_models
 from models.attention import ATTENTIONS
 from models.profile import activation_bytes, profile_model
-from orchestrator.results import to_csv
+from orchestrator.results import format_table, to_csv
 
 BASELINE = "restormer"  # CSA-Restormer: every ratio is to it
 BENCHMARK_EXPERIMENT = "restorch-benchmarks"
@@ -49,9 +49,9 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(runners: dict[str, dict[str, Callable[[], Any]]], device: torch.device, repeats: int,
-                        warmup: int) -> dict[str, dict[str, float]]:
-    """Median seconds of each runner of each variant, all run once per round."""
+def interleaved_times(runners: dict[str, dict[str, Callable[[], Any]]], device: torch.device, repeats: int,
+                      warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each runner of each variant in each round; every runner runs once per round."""
     seconds: dict[str, dict[str, list[float]]] = {v: {k: [] for k in kinds} for v, kinds in runners.items()}
     for round_index in range(warmup + repeats):
         for variant, kinds in runners.items():
@@ -59,7 +59,11 @@ def interleaved_medians(runners: dict[str, dict[str, Callable[[], Any]]], device
                 elapsed = _timed(fn, device)
                 if round_index >= warmup:
                     seconds[variant][kind].append(elapsed)
-    return {v: {k: statistics.median(t) for k, t in kinds.items()} for v, kinds in seconds.items()}
+    return seconds
+
+
+def medians(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {v: {k: statistics.median(t) for k, t in kinds.items()} for v, kinds in times.items()}
 
 
 def bench_models(size: int = 128, device: str = "cpu", dtype: str = "fp32", compile: bool = False,
@@ -91,10 +95,10 @@ def bench_models(size: int = 128, device: str = "cpu", dtype: str = "fp32", comp
             activation = activation_bytes(shapes_only, torch.empty(1, channels, size, size))
         rows[label] = {"model": label, "params_m": profile.params / 1e6, "conv_gmacs": profile.conv_gmacs,
                        "total_gmacs": profile.total_gmacs, "activation_mb": activation / 2**20}
-    medians = interleaved_medians(runners, target, repeats, warmup)
-    base = medians.get(BASELINE)
+    median = medians(interleaved_times(runners, target, repeats, warmup))
+    base = median.get(BASELINE)
     for label, row in rows.items():
-        row["fwd_s"], row["fwd_bwd_s"] = medians[label]["fwd"], medians[label]["fwd_bwd"]
+        row["fwd_s"], row["fwd_bwd_s"] = median[label]["fwd"], median[label]["fwd_bwd"]
         if base:
             row["fwd_ratio"] = row["fwd_s"] / base["fwd"]
             row["fwd_bwd_ratio"] = row["fwd_bwd_s"] / base["fwd_bwd"]
@@ -122,11 +126,11 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
     for label, config in variants.items():
         torch.manual_seed(0)
         plain = build_model(config).to(target)
-        optimizer = torch.optim.AdamW(plain.parameters(), lr=3e-4, weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=3e-4, weight_decay=1e-4, fused=True)
         torch.manual_seed(0)
         wrapped = build_model(config)
         engine, *_ = deepspeed.initialize(
-            model=wrapped, optimizer=torch.optim.AdamW(wrapped.parameters(), lr=3e-4, weight_decay=1e-4),
+            model=wrapped, optimizer=torch.optim.AdamW(wrapped.parameters(), lr=3e-4, weight_decay=1e-4, fused=True),
             config=deepspeed_config(job, batch), dist_init_required=False)
         dtype = next(engine.module.parameters()).dtype
 
@@ -143,12 +147,14 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
 
         runners[label] = {"plain": plain_step, "deepspeed": deepspeed_step}
         flops[label] = 2e9 * profile_model(plain, size=patch, batch=batch).total_gmacs
-    medians = interleaved_medians(runners, target, repeats, warmup)
+    times = interleaved_times(runners, target, repeats, warmup)
     peak = peak_tflops or (_known_peak() if target.type == "cuda" else None)
-    rows = []
-    for label, m in medians.items():
-        row = {"model": label, "plain_img_s": batch / m["plain"], "deepspeed_img_s": batch / m["deepspeed"]}
-        row["deepspeed_overhead"] = row["plain_img_s"] / row["deepspeed_img_s"]
+    median, rows = medians(times), []
+    for label, kinds in times.items():
+        row = {"model": label, "plain_img_s": batch / median[label]["plain"],
+               "deepspeed_img_s": batch / median[label]["deepspeed"]}
+        # the two steps of a round ran back to back: their ratio drifts less than either time on a busy machine
+        row["deepspeed_overhead"] = statistics.median(d / p for d, p in zip(kinds["deepspeed"], kinds["plain"]))
         if peak:
             row["mfu"] = 3 * flops[label] / batch * row["deepspeed_img_s"] / (peak * 1e12)
         rows.append(row)
@@ -235,22 +241,6 @@ def _known_peak() -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    columns = list(rows[0])
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
-    lines.append("-" * len(lines[0]))
-    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-    return "" if value is None else str(value)
-
-
 def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any], uri: str | None = None) -> str:
     """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
     from mlflow.tracking import MlflowClient
@@ -270,7 +260,7 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     # one metric per row and column; MLflow names allow no '+': restormer+glmha -> restormer_glmha
     numbers = {re.sub(r"[^\w\-. :/]", "_", f"{row['model']}.{key}"): value for row in rows for key, value in row.items()}
     client.log_batch(run_id, metrics=numeric_metrics(numbers, 0))
-    client.log_text(run_id, format_table(rows), f"{kind}.txt")
+    client.log_text(run_id, format_table(rows, list(rows[0])), f"{kind}.txt")
     client.log_text(run_id, to_csv(rows, list(rows[0])), f"{kind}.csv")
     client.set_terminated(run_id)
     return run_id

@@ -1,15 +1,16 @@
-"""`restorch bench models|train`: speed benchmarks, printed and logged to MLflow."""
+"""`restorch bench models|train|sweep`: speed benchmarks, printed and logged to MLflow."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from orchestrator import benchmarks
+from orchestrator.results import format_table
 
 
 def _report(kind: str, rows: list[dict], settings: dict, args: argparse.Namespace) -> int:
     print(f"{kind} benchmark, {settings}")
-    print(benchmarks.format_table(rows))
+    print(format_table(rows, list(rows[0])))
     if not args.no_log:
         run_id = benchmarks.log_benchmark(kind, rows, settings, args.tracking_uri)
         print(f"logged to MLflow run {run_id} (experiment {benchmarks.BENCHMARK_EXPERIMENT})")
