@@ -10,8 +10,9 @@ parent run and runs a Tuner (or restores it, when a sweep of the same name is in
    checkpoint (Ray Train V2 resumes a run of the same name and storage);
 4. forwards the job's validation reports to Tune (`TrialReportCallback`), which carry the model's size
    metrics (rank 0 computes them: orchestrator/trial_job.py).
-The trial actor imports neither torch nor DeepSpeed: each trial starts three processes (trial actor,
-Train controller, Train worker) on a 2-core machine, and each import is paid once per trial.
+The trial actor never imports the training recipe or DeepSpeed (the job's workers do), and Tune runs
+the next trial in the same actor: on a 2-core machine every process start and import is paid in the
+trials' start-up (README, "Where the time goes").
 
 Population based training (`search.scheduler: pbt`, `run_pbt_trial`): under Ray Train V2 a trial's
 job hands Tune no checkpoint, and PBT only copies trials that have one. So a pbt trial fits its job
