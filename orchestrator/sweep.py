@@ -10,9 +10,10 @@ parent run and runs a Tuner (or restores it, when a sweep of the same name is in
    checkpoint (Ray Train V2 resumes a run of the same name and storage);
 4. forwards the job's validation reports to Tune (`TrialReportCallback`), which carry the model's size
    metrics (rank 0 computes them: orchestrator/trial_job.py).
-The trial actor never imports the training recipe or DeepSpeed (the job's workers do), and Tune runs
-the next trial in the same actor: on a 2-core machine every process start and import is paid in the
-trials' start-up (README, "Where the time goes").
+The trial actor never imports the training recipe or DeepSpeed (the job's workers do): on a 2-core
+machine every process start and import is paid in the trials' start-up (README, "Where the time goes").
+Tune must not reuse trial actors: a trial that ASHA stops is inside its job's `fit`, and a reused actor
+would start the next trial while that job still runs (both report under one trial id).
 
 Population based training (`search.scheduler: pbt`, `run_pbt_trial`): under Ray Train V2 a trial's
 job hands Tune no checkpoint, and PBT only copies trials that have one. So a pbt trial fits its job
@@ -236,9 +237,6 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
         search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
         metric=search.metric if single else None,
         mode=search.mode if single else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-        # A trial's actor runs the next trial: starting a process that imports Ray Tune, MLflow and torch
-        # costs about 4 s of CPU, a fifth of a trial's start-up on a 2-core machine.
-        reuse_actors=True,
     )
     storage_path, storage_filesystem = ray_storage(spec.storage.path, spec.storage.endpoint_url)
     run_config = tune.RunConfig(
