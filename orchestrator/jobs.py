@@ -179,14 +179,11 @@ def worker_entry(config: dict[str, Any]) -> Any:
     import the training recipe and MLflow's tracking client too."""
     mark("worker_started")
     if "trial_run" in config:
-        from orchestrator.trial_job import tracked_train_loop
-
-        mark("worker_imported")
-        return tracked_train_loop(config)
-    from workloads.train import train_loop_per_worker
-
+        from orchestrator.trial_job import tracked_train_loop as train_loop
+    else:
+        from workloads.train import train_loop_per_worker as train_loop
     mark("worker_imported")
-    return train_loop_per_worker(config)
+    return train_loop(config)
 
 
 def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> Any:
