@@ -156,7 +156,8 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
     return TorchTrainer(
         worker_entry,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        # NCCL reduces CUDA tensors only: gloo takes any collective a GPU job makes on CPU tensors.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(

@@ -197,7 +197,8 @@ def validate(model: torch.nn.Module, dataset: PairedDataset, task: Task, rank: i
         sums += torch.tensor([*(float(restored[n][0]) for n in names), *(float(degraded[n][0]) for n in names), 1.0],
                              dtype=torch.float64)
     model.train()
-    if world_size > 1:
+    if world_size > 1:  # on the model's device: a GPU job's NCCL reduces CUDA tensors only
+        sums = sums.to(next(model.parameters()).device)
         dist.all_reduce(sums)
     means = (sums[:-1] / sums[-1]).tolist()
     metrics = dict(zip(names, means[: len(names)]))
@@ -251,8 +252,9 @@ def load_consolidated(path: str | Path) -> torch.nn.Module:
 
 
 def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    """The mean of a scalar over the ranks, reduced on the scalar's own (the engine's) device."""
     if world_size > 1:
-        value = value.detach().clone().cpu()
+        value = value.detach().clone()
         dist.all_reduce(value)
         value /= world_size
     return float(value)
