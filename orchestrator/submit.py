@@ -13,6 +13,7 @@ this side: RAY_AUTH_MODE=token with the token in ~/.ray/auth_token or $RAY_AUTH_
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import sys
@@ -21,14 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
-import models
-import orchestrator
-import workloads
 from orchestrator.spec import ExperimentSpec, SpecError, load_spec
 
 KINDS = ("train", "sweep", "ablate")
 ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's client reads these before its argument
-PACKAGES = (models, workloads, orchestrator)
+PACKAGES = ("models", "workloads", "orchestrator")  # found, not imported: `models` imports torch
 EXCLUDES = ["__pycache__", "*.pyc"]
 CONNECT_TIMEOUT_S = 10
 
@@ -83,7 +81,7 @@ def check_paths_for_cluster(spec: ExperimentSpec) -> None:
 def runtime_env(spec_dir: Path, *, installed: bool) -> dict[str, Any]:
     env: dict[str, Any] = {"working_dir": str(spec_dir), "excludes": EXCLUDES}
     if not installed:
-        env["py_modules"] = [str(Path(package.__file__).parent) for package in PACKAGES]
+        env["py_modules"] = [str(Path(importlib.util.find_spec(package).origin).parent) for package in PACKAGES]
     return env
 
 

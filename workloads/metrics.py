@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.ndimage import correlate1d
+
+# torch and scipy are imported where they are used: workloads/tasks.py builds its task catalogue from
+# this module, and `restorch --help` lists the tasks without importing torch (seconds).
+if TYPE_CHECKING:
+    import torch
 
 PSNR_CAP = 100.0
 SSIM_WINDOW = 11
@@ -92,6 +95,8 @@ def psnr(pred: np.ndarray, target: np.ndarray, *, y_channel: bool = False, crop_
 
 def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """SSIM map of two float64 2-D images; 'valid' Gaussian filtering, so smaller by 10 per axis."""
+    from scipy.ndimage import correlate1d
+
     window = _gaussian_window()
     margin = SSIM_WINDOW // 2
 
@@ -120,6 +125,8 @@ def ssim(pred: np.ndarray, target: np.ndarray, *, y_channel: bool = False, crop_
 
 
 def _prepare_batch(pred: torch.Tensor, target: torch.Tensor, y_channel: bool, crop_border: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     if pred.shape != target.shape or pred.ndim != 4:
         raise ValueError(f"expected two NCHW tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     images = []
@@ -136,6 +143,8 @@ def _prepare_batch(pred: torch.Tensor, target: torch.Tensor, y_channel: bool, cr
 
 def psnr_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
     """Per-image PSNR (float64 tensor of shape N) of NCHW float batches in [0, 1], capped at PSNR_CAP."""
+    import torch
+
     a, b = _prepare_batch(pred, target, y_channel, crop_border)
     mse = ((a - b) ** 2).flatten(1).mean(dim=1)
     return (10.0 * torch.log10(PEAK**2 / mse)).clamp(max=PSNR_CAP)  # mse 0 gives inf, clamped
@@ -143,6 +152,9 @@ def psnr_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = Fa
 
 def ssim_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
     """Per-image SSIM (float64 tensor of shape N) of NCHW float batches in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     a, b = _prepare_batch(pred, target, y_channel, crop_border)
     channels = a.shape[1]
     window = torch.from_numpy(_gaussian_window()).to(a.device)
@@ -188,6 +200,8 @@ def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def spectral_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR per image of cubes clipped to [0, 1] (peak 1), capped at PSNR_CAP."""
+    import torch
+
     mse = ((pred.clamp(0, 1) - target.clamp(0, 1)) ** 2).flatten(1).mean(dim=1)
     return (-10.0 * torch.log10(mse)).clamp(max=PSNR_CAP)
 
@@ -200,6 +214,8 @@ COLOR_SPACES = ("rgb", "y", "spectral")
 
 def _cube_batch(cube: np.ndarray) -> torch.Tensor:
     """HxWxB numpy cube -> 1xBxHxW float64 tensor."""
+    import torch
+
     return torch.from_numpy(np.asarray(cube, dtype=np.float64)).permute(2, 0, 1)[None]
 
 

@@ -4,37 +4,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator import benchmarks
 from orchestrator.results import format_table
 
+DTYPES = ("fp32", "bf16")  # the keys of orchestrator/benchmarks.DTYPES: --help imports no torch
 
-def _report(kind: str, rows: list[dict], settings: dict, args: argparse.Namespace) -> int:
+
+def _bench(args: argparse.Namespace) -> int:
+    from orchestrator import benchmarks
+
+    kind = args.bench_command
+    if kind == "models":
+        settings = {"size": args.size, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+                    "repeats": args.repeats, "warmup": args.warmup}
+        rows = benchmarks.bench_models(**settings)
+    elif kind == "train":
+        settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
+                    "warmup": args.warmup, "zero_stage": args.zero_stage, "peak_tflops": args.peak_tflops}
+        rows = benchmarks.bench_train(**settings)
+    else:
+        settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
+        rows = benchmarks.bench_sweep(**settings, folder=args.folder)
     print(f"{kind} benchmark, {settings}")
     print(format_table(rows, list(rows[0])))
     if not args.no_log:
         run_id = benchmarks.log_benchmark(kind, rows, settings, args.tracking_uri)
         print(f"logged to MLflow run {run_id} (experiment {benchmarks.BENCHMARK_EXPERIMENT})")
     return 0
-
-
-def _models(args: argparse.Namespace) -> int:
-    settings = {"size": args.size, "device": args.device, "dtype": args.dtype, "compile": args.compile,
-                "repeats": args.repeats, "warmup": args.warmup}
-    rows = benchmarks.bench_models(**settings)
-    return _report("models", rows, settings, args)
-
-
-def _train(args: argparse.Namespace) -> int:
-    settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
-                "warmup": args.warmup, "zero_stage": args.zero_stage, "peak_tflops": args.peak_tflops}
-    rows = benchmarks.bench_train(**settings)
-    return _report("train", rows, settings, args)
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
-    rows = benchmarks.bench_sweep(**settings, folder=args.folder)
-    return _report("sweep", rows, settings, args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,20 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     models = common(commands.add_parser("models", help="every model: params, MACs, fwd and fwd+bwd time, memory"), 5)
     models.add_argument("--size", type=int, default=128)
-    models.add_argument("--dtype", choices=list(benchmarks.DTYPES), default="fp32")
+    models.add_argument("--dtype", choices=DTYPES, default="fp32")
     models.add_argument("--compile", action="store_true", help="torch.compile each model")
-    models.set_defaults(handler=_models)
+    models.set_defaults(handler=_bench)
 
     train = common(commands.add_parser("train", help="training-step images/s: DeepSpeed vs plain PyTorch"), 3)
     train.add_argument("--patch", type=int, default=128)
     train.add_argument("--batch", type=int, default=1)
     train.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     train.add_argument("--peak-tflops", type=float, help="device peak FLOP/s for MFU (known GPUs are detected)")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_bench)
 
     sweep = common(commands.add_parser("sweep", help="orchestration overhead: a sweep vs the same trainings in one process"), 1)
     sweep.add_argument("--trials", type=int, default=8)
     sweep.add_argument("--concurrent", type=int, default=2, help="trials at once (one 1-CPU worker each)")
     sweep.add_argument("--iterations", type=int, default=300, help="training iterations per trial (fixed work)")
     sweep.add_argument("--folder", type=Path, help="where data, runs and the sweep's MLflow store go (default: a temp dir)")
-    sweep.set_defaults(handler=_sweep)
+    sweep.set_defaults(handler=_bench)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workloads.data import check_dataset
-from workloads.synth import write_dataset
 from workloads.tasks import TASKS, get_task
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from workloads.synth import write_dataset
+
     task = get_task(args.task, sigma=args.sigma)
     counts = write_dataset(args.out, task, count=args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
     print(f"wrote {counts['train']} train + {counts['val']} val {task.name} pairs of {args.size}x{args.size} to {args.out} "
@@ -18,6 +18,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from workloads.data import check_dataset
+
     task = get_task(args.task, sigma=args.sigma)
     scans = check_dataset(args.path, task, patch_size=args.patch_size)
     for scan in scans:

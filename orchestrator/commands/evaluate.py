@@ -6,11 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from workloads.files import DATA_SUFFIXES, read_array
 from workloads.tasks import TASKS, Task, get_task
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
+    from workloads.files import DATA_SUFFIXES
+
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     files: dict[str, Path] = {}
@@ -27,6 +28,8 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
 
 def evaluate_folders(pred_dir: Path, target_dir: Path, task: Task) -> dict:
     """The task protocol's result record for files of the same name (any suffix) in both folders."""
+    from workloads.files import read_array
+
     preds, targets = _files_by_stem(pred_dir), _files_by_stem(target_dir)
     unmatched = sorted(set(preds) ^ set(targets))
     if unmatched:

@@ -4,13 +4,12 @@ GLMHA paper's Tables 1-4)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from models import build_model, list_models
-from models.attention import ATTENTIONS
-from models.profile import ModelProfile, profile_model
+if TYPE_CHECKING:
+    from models.profile import ModelProfile
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -45,6 +44,9 @@ def describe(config: dict[str, Any]) -> str:
 
 
 def profile_configs(configs: list[dict[str, Any]], size: int) -> str:
+    from models import build_model
+    from models.profile import profile_model
+
     rows = [(describe(config), profile_model(build_model(config), size=size)) for config in configs]
     note = (
         f"input 1xCx{size}x{size}; conv GMACs = conv/linear layers only (the papers' 'FLOPs' column), "
@@ -54,6 +56,9 @@ def profile_configs(configs: list[dict[str, Any]], size: int) -> str:
 
 
 def zoo_configs() -> list[dict[str, Any]]:
+    from models import list_models
+    from models.attention import ATTENTIONS
+
     configs: list[dict[str, Any]] = [{"name": name} for name in list_models()]
     configs += [{"name": "restormer", "attention": name} for name in ATTENTIONS if name != "csa"]
     configs.append({"name": "mst_plus_plus", "attention": "glmha"})
@@ -61,6 +66,8 @@ def zoo_configs() -> list[dict[str, Any]]:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from models import list_models
+
     for name, defaults in list_models().items():
         print(f"{name}:")
         print("  " + yaml.safe_dump(defaults, default_flow_style=None, sort_keys=False).replace("\n", "\n  ").rstrip())

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities.model_registry import ModelVersion
-
-from orchestrator import registry
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 
 def _describe(version: ModelVersion, aliases: list[str]) -> str:
@@ -14,7 +15,7 @@ def _describe(version: ModelVersion, aliases: list[str]) -> str:
     return f"{version.name} v{version.version} {alias_text}".rstrip()
 
 
-def _aliases_of(client: registry.MlflowClient, name: str) -> dict[str, list[str]]:
+def _aliases_of(client: MlflowClient, name: str) -> dict[str, list[str]]:
     by_version: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         by_version.setdefault(str(version), []).append(alias)
@@ -22,18 +23,24 @@ def _aliases_of(client: registry.MlflowClient, name: str) -> dict[str, list[str]
 
 
 def _register(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
     print(f"registered {version.name} v{version.version} from run {version.run_id}: models:/{version.name}/{version.version}")
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     version = registry.promote(registry.client_for(args.tracking_uri), args.name, args.version, args.alias)
     print(f"{version.name} v{version.version} is now @{args.alias}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     client = registry.client_for(args.tracking_uri)
     names = registry.registered_names(client)
     if not names:
@@ -48,6 +55,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     client = registry.client_for(args.tracking_uri)
     version = registry.get_version(client, registry.ModelReference.parse(args.reference))
     print(_describe(version, _aliases_of(client, version.name).get(str(version.version), [])))
@@ -59,6 +68,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     client = registry.client_for(args.tracking_uri)
     left = registry.get_version(client, registry.ModelReference(args.name, version=args.v1))
     right = registry.get_version(client, registry.ModelReference(args.name, version=args.v2))
@@ -72,6 +83,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from orchestrator import registry
+
     from workloads.inference import restore_files
 
     network, version = registry.load_network(args.model, args.tracking_uri)
