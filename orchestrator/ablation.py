@@ -26,15 +26,13 @@ The variants run as a sweep (orchestrator/ablation_run.py): its search space (`a
 a grid over the variant labels at VARIANT_KEY, which `resolve_trial` expands into the variant's
 assignments, times a grid over train.seed. Every variant is validated before anything runs.
 
-Recipes (the papers' ablations, small scale) ship with the package in workloads/recipes/; `recipe_file`
-finds one by name (`restorch ablate glmha-table9-levels`).
+Recipes (the papers' ablations, small scale) ship with the package in workloads/recipes/
+(orchestrator/recipes.py finds one by name: `restorch ablate glmha-table9-levels`).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import VARIANT_KEY, AblationSpec, Domain, ExperimentSpec, SpecError, check_assignment, resolve_trial
@@ -118,23 +116,6 @@ def ablation_space(spec: ExperimentSpec) -> list[Domain]:
     if spec.ablation.seeds and not spec.ablation.profile_only:
         space.append(Domain(key="train.seed", kind="grid", values=spec.ablation.seeds))
     return space
-
-
-def recipes() -> dict[str, Path]:
-    """The recipes shipped with restorch (package data: workloads/recipes/*.yaml) by name."""
-    folder = Path(str(resources.files("workloads") / "recipes"))
-    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
-
-
-def recipe_file(reference: str) -> Path:
-    """The spec file `reference`, or else the recipe it names (glmha-table9-levels, .yaml optional)."""
-    path = Path(reference)
-    if path.is_file():
-        return path
-    known = recipes()
-    if reference.removesuffix(".yaml") in known:
-        return known[reference.removesuffix(".yaml")]
-    raise SpecError(f"{reference}: no such spec file, nor a recipe; recipes: {', '.join(known) or 'none installed'}")
 
 
 def _check_search(spec: ExperimentSpec) -> None:

@@ -14,9 +14,10 @@ import yaml
 from conftest import TINY_RESTORMER, two_factor_ablation
 from mlflow.tracking import MlflowClient
 
-from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, recipe_file, recipes, spec_variants
+from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, spec_variants
 from orchestrator.ablation_run import run_ablation
 from orchestrator.cli import main
+from orchestrator.recipes import recipes, spec_file
 from orchestrator.report import CSV_FILE, build_report, child_runs, write_report
 from orchestrator.spec import VARIANT_KEY, SpecError, parse_spec, resolve_trial
 
@@ -125,10 +126,10 @@ def test_recipes_are_package_data_found_by_name() -> None:
     globs = pyproject["tool"]["setuptools"]["package-data"]["workloads"]
     assert all(any(recipe.relative_to(RECIPE_DIR.parent).match(glob) for glob in globs) for recipe in RECIPES)
     assert {name: path.resolve() for name, path in recipes().items()} == {path.stem: path.resolve() for path in RECIPES}
-    assert recipe_file("glmha-table9-levels.yaml").resolve() == (RECIPE_DIR / "glmha-table9-levels.yaml").resolve()
-    assert recipe_file(str(RECIPES[0])) == RECIPES[0]  # a spec file is itself
+    assert spec_file("glmha-table9-levels.yaml").resolve() == (RECIPE_DIR / "glmha-table9-levels.yaml").resolve()
+    assert spec_file(str(RECIPES[0])) == RECIPES[0]  # a spec file is itself
     with pytest.raises(SpecError, match="no-such-table: no such spec file, nor a recipe; recipes: glmha-table1-mst, "):
-        recipe_file("no-such-table")
+        spec_file("no-such-table")
 
 
 def test_glmha_table9_profile_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from orchestrator.cli import build_parser
+from orchestrator.cli import build_parser, main
 from orchestrator.commands import COMMANDS
 
 
@@ -50,3 +50,22 @@ def test_choices_named_in_the_cli_match_the_modules_they_stand_for():
     from orchestrator.commands.bench import DTYPES
 
     assert set(DTYPES) == set(benchmarks.DTYPES)
+
+
+def test_recipes_are_listed_and_every_spec_command_takes_a_recipe_name(tmp_path, monkeypatch, capsys):
+    from orchestrator.recipes import recipes
+
+    monkeypatch.chdir(tmp_path)  # the recipes' relative data folders do not exist here
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"{name}  " in listed for name in recipes())
+    assert main(["spec", "check", "glmha-table7-kv-reduction"]) == 0
+    assert "valid; 5 trial(s)" in capsys.readouterr().out
+    # each command got past finding the spec: the errors are about its content
+    expected = {"sweep": "data.train: data/rain-mini/train is not a folder", "ablate": "data.train: data/rain-mini",
+                "train": "has search-space entries", "submit": "data.train: data/rain-mini/train is relative"}
+    for command, error in expected.items():
+        assert main([command, "glmha-table7-kv-reduction"]) == 2
+        assert error in capsys.readouterr().err
+    assert main(["spec", "check", "no-such-recipe"]) == 2
+    assert "no-such-recipe: no such spec file, nor a recipe; recipes: glmha-table1-mst" in capsys.readouterr().err

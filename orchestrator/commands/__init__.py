@@ -10,8 +10,9 @@ COMMANDS = {
     "demo": "demo", "bench": "bench", "models": "models", "data": "data", "evaluate": "evaluate", "train": "train",
     "sweep": "sweep", "status": "sweep", "ablate": "ablate", "report": "report", "spec": "spec", "submit": "submit",
     "jobs": "submit", "tracking": "tracking", "register": "registry", "registry": "registry", "restore": "registry",
-    "serve": "serve",
+    "serve": "serve", "recipes": "recipes",
 }
+SPEC_HELP = "experiment spec (YAML), or a recipe's name (`restorch recipes` lists them)"
 
 
 def command_modules(command: str | None = None) -> list[ModuleType]:

@@ -5,17 +5,17 @@ import argparse
 from pathlib import Path
 
 from orchestrator.commands.report import DEFAULT_REPORTS, print_report
+from orchestrator.recipes import spec_file
 from orchestrator.spec import SpecError, load_spec
 
 
 def _ablate(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.ablation import recipe_file
     from orchestrator.ablation_run import run_ablation
     from orchestrator.report import build_report, publish_report, write_report
 
-    spec = load_spec(recipe_file(args.spec))
+    spec = load_spec(spec_file(args.spec))
     if spec.ablation is None:
         raise SpecError(f"{args.spec} has no ablation: section; `restorch sweep` runs other specs")
     run = run_ablation(spec, address=args.address, yes=args.yes)
@@ -31,8 +31,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ablate = subparsers.add_parser("ablate", help="run an ablation study from a spec's ablation: section, with its report")
-    ablate.add_argument("spec", metavar="SPEC|RECIPE", help="experiment spec with an ablation: section, or the name of "
-                                                            "a recipe shipped in workloads/recipes/ (glmha-table9-levels)")
+    ablate.add_argument("spec", metavar="SPEC|RECIPE", help="experiment spec with an ablation: section, or a recipe's "
+                                                            "name (glmha-table9-levels; `restorch recipes` lists them)")
     ablate.add_argument("--out", type=Path, help=f"report folder (default {DEFAULT_REPORTS}/NAME)")
     ablate.add_argument("--yes", action="store_true", help="launch even more than search.max_trials trials")
     ablate.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from orchestrator.commands import SPEC_HELP
+from orchestrator.recipes import spec_file
 from orchestrator.spec import json_schema, load_spec
 
 
@@ -13,7 +15,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = load_spec(spec_file(args.spec))
     for domain in spec.search_space:
         print(f"search {domain.key}: {domain.kind} {domain.values}")
     count = spec.trial_count()
@@ -28,5 +30,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = spec.add_subparsers(dest="spec_command", required=True, metavar="SUBCOMMAND")
     commands.add_parser("schema", help="print the JSON schema of experiment specs (for editor completion)").set_defaults(handler=_schema)
     check = commands.add_parser("check", help="validate a spec and print how many trials it launches")
-    check.add_argument("spec", help="experiment spec (YAML)")
+    check.add_argument("spec", metavar="SPEC|RECIPE", help=SPEC_HELP)
     check.set_defaults(handler=_check)

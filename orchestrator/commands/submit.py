@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from datetime import datetime
 
+from orchestrator.commands import SPEC_HELP
+from orchestrator.recipes import spec_file
 from orchestrator.submit import KINDS, connect, follow, submit_spec
 
 ADDRESS_HELP = "the head's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)"
 
 
 def _submit(args: argparse.Namespace) -> int:
-    client, job_id = submit_spec(args.spec, kind=args.kind, address=args.address, installed=args.installed)
+    client, job_id = submit_spec(spec_file(args.spec), kind=args.kind, address=args.address, installed=args.installed)
     print(f"submitted {job_id}")
     if not args.follow:
         print(f"follow it with: restorch jobs logs {job_id} --follow")
@@ -50,7 +52,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser("submit", help="run a spec on a Ray cluster (Ray Jobs API)")
-    submit.add_argument("spec", help="experiment spec (YAML); its data paths are paths on the cluster's nodes")
+    submit.add_argument("spec", metavar="SPEC|RECIPE", help=f"{SPEC_HELP}; its data paths are paths on the cluster's nodes")
     submit.add_argument("--address", help=ADDRESS_HELP)
     submit.add_argument("--kind", choices=KINDS,
                         help="the restorch command the job runs (default: sweep for a spec with a search space, else train)")

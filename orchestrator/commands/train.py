@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 
 from orchestrator.jobs import run_job
+from orchestrator.commands import SPEC_HELP
+from orchestrator.recipes import spec_file
 from orchestrator.spec import SpecError, load_spec
 
 
 def _train(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = load_spec(spec_file(args.spec))
     if spec.search_space:
         keys = ", ".join(d.key for d in spec.search_space)
         raise SpecError(f"{args.spec} has search-space entries ({keys}): run it with `restorch sweep`, or fix the values")
@@ -26,6 +28,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="run one training job from a spec")
-    train.add_argument("spec", help="experiment spec (YAML)")
+    train.add_argument("spec", metavar="SPEC|RECIPE", help=SPEC_HELP)
     train.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
     train.set_defaults(handler=_train)
