@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 from conftest import TINY_RESTORMER
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.storage import filesystem, ray_storage
-from servers import S3_ENV, moto_s3, s3_client
+from servers import S3_ENV, moto_s3, s3_client, wait_for
 
 BUCKET = "restorch-test"
 
@@ -60,16 +60,20 @@ def test_local_folders_and_s3_prefixes_map_to_a_filesystem_and_a_path(s3, s3_end
 
 
 WRITER = """
-import os, sys, time
+import os, sys
 from orchestrator.storage import filesystem
 fs, path = filesystem(sys.argv[1], sys.argv[2])
 with fs.open_output_stream(path) as out:
-    for megabyte in range(200):
-        out.write(os.urandom(2**20))
-        if megabyte == 24:
-            print("uploading", flush=True)
-        time.sleep(0.05)
+    out.write(os.urandom(25 * 2**20))
+    print("uploading", flush=True)
+    sys.stdin.read()  # the file is never finished: the test kills this writer
 """
+
+
+def uploaded_parts(client, key: str) -> int:
+    """Parts uploaded so far to the unfinished multipart upload of `key` (0 if there is none)."""
+    uploads = [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if u["Key"] == key]
+    return sum(len(client.list_parts(Bucket=BUCKET, Key=key, UploadId=u["UploadId"]).get("Parts", [])) for u in uploads)
 
 
 def test_large_files_upload_in_parts_and_an_interrupted_upload_leaves_no_object(s3, s3_endpoint):
@@ -79,11 +83,13 @@ def test_large_files_upload_in_parts_and_an_interrupted_upload_leaves_no_object(
     etag = s3.head_object(Bucket=BUCKET, Key="checkpoint/whole.bin")["ETag"]
     assert int(etag.strip('"').split("-")[1]) >= 2  # a multipart upload of two or more parts
 
-    # A writer killed in the middle of a 200 MB file: parts went up, but no object exists.
+    # A writer killed in the middle of a file, once parts of it went up: no object exists.
     writer = subprocess.Popen([sys.executable, "-c", WRITER, f"s3://{BUCKET}/checkpoint/cut.bin", s3_endpoint],
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "uploading"
+        wait_for(lambda: uploaded_parts(s3, "checkpoint/cut.bin") >= 2, timeout=120, what="the writer's first parts",
+                 process=writer)
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=30)
