@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from orchestrator.remote import check_for_cluster, forwarded_env
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.timeline import mark
 
@@ -53,10 +54,13 @@ def pin_paths(spec: ExperimentSpec) -> ExperimentSpec:
     return spec.model_copy(update={"data": spec.data.resolved(), "storage": storage})
 
 
-def preflight(spec: ExperimentSpec, address: str | None) -> None:
-    """Refuse, before Ray starts, what the embedded local Ray can never run. On a cluster
-    (`address` or $RAY_ADDRESS) the resources are checked once connected: `check_cluster_resources`."""
+def preflight(spec: ExperimentSpec, address: str | None, *, tracked: bool) -> None:
+    """Refuse, before Ray starts, what cannot run: on a cluster (`address` or $RAY_ADDRESS), storage or
+    (`tracked`: sweeps) tracking that its nodes do not share (orchestrator/remote.py; the resources are
+    checked once connected: `check_cluster_resources`); on the embedded local Ray, what this machine
+    can never run."""
     if address or os.environ.get(RAY_ADDRESS_ENV):
+        check_for_cluster(spec, tracked=tracked)
         return
     check_local_resources(spec)
     spec.data.check_folders()
@@ -83,33 +87,41 @@ def check_local_resources(spec: ExperimentSpec) -> None:
             )
 
 
+def worker_resources(spec: ExperimentSpec) -> dict[str, float]:
+    """What one Ray Train worker of the job reserves."""
+    resources = spec.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker or 1
+    return per_worker
+
+
 def check_cluster_resources(spec: ExperimentSpec) -> None:
-    """On a connected cluster, refuse a trial larger than the whole cluster (it would wait forever)."""
+    """On a connected cluster: refuse a trial that no size of the cluster could hold (it would wait
+    forever); when it fits only once the autoscaler adds nodes, say so and go on (the job waits)."""
     import ray
 
-    total = ray.cluster_resources()
-    resources = spec.resources
-    needs = {"CPU": resources.num_workers * resources.cpus_per_worker}
-    if resources.use_gpu:
-        needs["GPU"] = resources.num_workers * (resources.gpus_per_worker or 1)
-    for name, amount in needs.items():
-        if amount > total.get(name, 0):
-            raise SpecError(
-                f"resources: one trial needs {amount:g} {name} ({resources.num_workers} workers) but the whole Ray "
-                f"cluster has {total.get(name, 0):g}; lower resources.num_workers / {name.lower()}s_per_worker"
-            )
+    from orchestrator.autoscaler import cluster_node_types, plan_job
+
+    waiting = plan_job(worker_resources(spec), spec.resources.num_workers, ray.cluster_resources(), cluster_node_types())
+    if waiting:
+        print(f"[restorch] {waiting}", flush=True)
 
 
 def init_ray(address: str | None, *, local_resources: dict[str, float] | None = None) -> None:
     """Connect to a cluster (`--address` or $RAY_ADDRESS), or start the embedded local Ray with this
     machine's CPUs and `local_resources` (custom resources such as sweep trial slots)."""
     import ray
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # set in a submitted job's driver
 
     if ray.is_initialized():
         return
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
-        ray.init(address=address)
+        # A driver outside the cluster hands its tracking/S3 variables to the job's processes on the nodes
+        # (a submitted job has them already, from `restorch submit`'s runtime_env: Ray refuses a second copy).
+        inside_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+        ray.init(address=address, runtime_env=None if inside_job else {"env_vars": forwarded_env()})
     else:
         start_local_ray(local_resources)
 
@@ -149,9 +161,7 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
 
     fs_path, filesystem = ray_storage(storage, spec.storage.endpoint_url)
     resources = spec.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker or 1
+    per_worker = worker_resources(spec)
     keep = None if keep_all_checkpoints else spec.search.keep_checkpoints
     return TorchTrainer(
         worker_entry,
@@ -189,7 +199,7 @@ def worker_entry(config: dict[str, Any]) -> Any:
 
 def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> Any:
     """Run (or resume, if a run of the same name exists in storage) one training job; returns Ray's Result."""
-    preflight(spec, address)
+    preflight(spec, address, tracked=False)
     storage = storage_path(spec)
     config = job_config(spec, spec.name, storage)
     if fault:

@@ -33,10 +33,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.auth import Caller, authenticate
 from orchestrator.dispatcher import Cluster, Dispatcher, Limits
+from orchestrator.remote import check_for_cluster
 from orchestrator.service_db import FINAL_STATES, Experiment, transition, utcnow
 from orchestrator.service_results import experiment_folder, report_files, sweep_result, train_result
 from orchestrator.spec import ExperimentSpec, SpecError, check_trial_limit, parse_spec
-from orchestrator.submit import KINDS, check_paths_for_cluster
+from orchestrator.submit import KINDS
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_ID = 2**63 - 1  # the largest id a database integer holds
@@ -92,7 +93,7 @@ def validate_submission(body: ExperimentIn) -> ExperimentSpec:
         except yaml.YAMLError as error:
             raise SpecError(f"spec is not valid YAML: {error}") from None
     spec = parse_spec(raw, source="spec")
-    check_paths_for_cluster(spec)
+    check_for_cluster(spec, tracked=body.kind != "train")
     if body.kind == "train" and spec.search_space:
         keys = ", ".join(domain.key for domain in spec.search_space)
         raise SpecError(f"spec has search-space entries ({keys}): submit it with kind sweep, or fix the values")

@@ -51,7 +51,7 @@ def sweep_result(spec: ExperimentSpec) -> dict[str, Any] | None:
     from orchestrator.status import sweep_trials
 
     try:
-        _, rows = sweep_trials(experiment_folder(spec))
+        _, rows = sweep_trials(experiment_folder(spec), spec.storage.endpoint_url)
     except FileNotFoundError:
         return None
     ranked = sort_rows(rows, spec.search.metric, spec.search.mode)

@@ -159,10 +159,13 @@ class ResourcesSpec(_Section):
 class StorageSpec(_Section):
     path: str = Field(DEFAULT_STORAGE, description="local folder or s3://bucket/prefix for checkpoints and results")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto)")
+    shared: bool = Field(False, description="the local folder `path` is mounted by every node of the cluster "
+                                            "(NFS); without it a cluster job needs an s3:// path")
 
 
 class TrackingSpec(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db "
+                                              "(one machine only: on a cluster, an http(s) server: restorch tracking up)")
     experiment: str | None = Field(None, description="MLflow experiment name; default the spec's name")
 
 

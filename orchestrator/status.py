@@ -13,40 +13,41 @@ from orchestrator.sweep import read_stored_spec
 from orchestrator.tracking import trial_statuses
 
 
-def _trials(folder: str) -> list[Any]:
+def _trials(folder: str, endpoint_url: str | None) -> list[Any]:
     from ray.tune import ExperimentAnalysis
 
+    fs, path = filesystem(folder, endpoint_url)
     try:
-        return ExperimentAnalysis(folder).trials
+        return ExperimentAnalysis(path, storage_filesystem=fs).trials
     except (ValueError, FileNotFoundError):  # the sweep was stopped before Tune saved any state
         return []
 
 
-def list_sweeps(storage: str) -> list[Row]:
-    """One row per sweep in `storage`: name, trials per Tune state."""
-    fs, root = filesystem(storage)
+def list_sweeps(storage: str, endpoint_url: str | None = None) -> list[Row]:
+    """One row per sweep in `storage` (`endpoint_url`: its S3-compatible store): name, trials per Tune state."""
+    fs, root = filesystem(storage, endpoint_url)
     folders = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
                if info.type == pyarrow.fs.FileType.Directory]
     rows = []
     for name in sorted(folders):
         folder = f"{storage}/{name}"
-        if read_stored_spec(folder) is None:
+        if read_stored_spec(folder, endpoint_url) is None:
             continue  # a `restorch train` job, not a sweep
-        states = [trial.status for trial in _trials(folder)]
+        states = [trial.status for trial in _trials(folder, endpoint_url)]
         rows.append({"sweep": name, "trials": len(states),
                      **{state.lower(): states.count(state) for state in ("PENDING", "RUNNING", "TERMINATED", "ERROR")}})
     return rows
 
 
-def sweep_trials(folder: str) -> tuple[ExperimentSpec, list[Row]]:
-    """The spec of the sweep stored in `folder` and one row per trial: Tune state, searched values,
-    last iteration and metric, MLflow run status."""
-    spec = read_stored_spec(folder)
+def sweep_trials(folder: str, endpoint_url: str | None = None) -> tuple[ExperimentSpec, list[Row]]:
+    """The spec of the sweep stored in `folder` (`endpoint_url`: its S3-compatible store) and one row per
+    trial: Tune state, searched values, last iteration and metric, MLflow run status."""
+    spec = read_stored_spec(folder, endpoint_url)
     if spec is None:
         raise FileNotFoundError(f"no sweep in {folder} (it holds no spec.yaml); `restorch status` lists the sweeps")
     mlflow_status = trial_statuses(spec, folder)
     rows = []
-    for trial in _trials(folder):
+    for trial in _trials(folder, endpoint_url):
         last = trial.last_result or {}
         searched = {key: trial.config.get(key) for key in spec.searched_keys()}
         rows.append({"trial": trial.trial_id, "tune": trial.status, **searched,

@@ -5,6 +5,8 @@ job. The job's runtime environment carries the spec file (its working directory)
 `installed=True`, this checkout's restorch packages (models, workloads, orchestrator), which then
 take precedence on every node over a restorch installed there: the cluster needs only restorch's
 dependencies (clusters/ installs them), and code edited here runs there without rebuilding nodes.
+The spec is checked first (orchestrator/remote.py: storage and tracking every node shares), and the
+job's environment carries this side's MLflow and S3 variables.
 
 The address comes from `--address` or $RAY_ADDRESS (as for `ray job submit`). A head with token
 authentication (clusters/, and `ray start` where ~/.ray/auth_token exists) also needs the token on
@@ -22,7 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
-from orchestrator.spec import ExperimentSpec, SpecError, load_spec
+from orchestrator.remote import check_for_cluster, forwarded_env
+from orchestrator.spec import SpecError, load_spec
 
 KINDS = ("train", "sweep", "ablate")
 ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's client reads these before its argument
@@ -66,20 +69,13 @@ def connect(address: str | None) -> Any:
                            f"token (`ray get-auth-token` there) in ~/.ray/auth_token or $RAY_AUTH_TOKEN ({error})") from None
 
 
-def check_paths_for_cluster(spec: ExperimentSpec) -> None:
-    """Paths in a submitted spec are read on the cluster's nodes, not here: they must be absolute (or URIs)."""
-    for key, path in spec.data.folders().items():
-        if not Path(path).is_absolute():
-            raise SpecError(f"{key}: {path} is relative, but the job runs on the cluster; give the dataset's "
-                            "absolute path on the cluster's nodes")
-    storage = spec.storage.path
-    if "://" not in storage and not Path(storage).is_absolute():
-        raise SpecError(f"storage.path: {storage} is relative, but the job runs on the cluster; give an s3:// prefix "
-                        "or a folder every node mounts (absolute path)")
-
-
 def runtime_env(spec_dir: Path, *, installed: bool) -> dict[str, Any]:
+    """The job's runtime environment: the spec's folder, this checkout's code (unless `installed`) and
+    the tracking and S3 variables set here (orchestrator/remote.py)."""
     env: dict[str, Any] = {"working_dir": str(spec_dir), "excludes": EXCLUDES}
+    forwarded = forwarded_env()
+    if forwarded:
+        env["env_vars"] = forwarded
     if not installed:
         env["py_modules"] = [str(Path(importlib.util.find_spec(package).origin).parent) for package in PACKAGES]
     return env
@@ -88,13 +84,13 @@ def runtime_env(spec_dir: Path, *, installed: bool) -> dict[str, Any]:
 def submit_spec(spec_file: str | Path, *, kind: str | None, address: str | None, installed: bool = False) -> tuple[Any, str]:
     """Submit `restorch <kind> <spec>` to the cluster (kind None: sweep if the spec has a search space,
     else train); returns the client and the job's submission id."""
-    client = connect(address)
     spec_file = Path(spec_file)
     spec = load_spec(spec_file)
-    check_paths_for_cluster(spec)
     kind = kind or ("sweep" if spec.search_space else "train")
     if kind not in KINDS:
         raise SpecError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    check_for_cluster(spec, tracked=kind != "train")
+    client = connect(address)
     with tempfile.TemporaryDirectory(prefix="restorch-submit-") as spec_dir:
         shutil.copy(spec_file, Path(spec_dir) / spec_file.name)
         job_id = client.submit_job(

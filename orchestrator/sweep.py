@@ -269,7 +269,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
     from workloads.tasks import get_task
 
     check_trial_limit(spec, yes=yes)
-    preflight(spec, address)
+    preflight(spec, address, tracked=True)
     spec = _pinned(spec)
     folder = f"{spec.storage.path}/{spec.name}"
     stored = read_stored_spec(folder, spec.storage.endpoint_url)

@@ -203,12 +203,15 @@ def postgres(database: str = "mlflow") -> Iterator[str]:
 
 
 @contextmanager
-def tracking_server(root: Path, backend: str, artifacts: str, s3_endpoint: str, *, timeout: float = 180) -> Iterator[str]:
-    """`restorch tracking up` on 127.0.0.1, with moto's credentials for its S3 artifacts; yields its URL."""
+def tracking_server(root: Path, backend: str, artifacts: str, s3_endpoint: str | None, *,
+                    timeout: float = 180) -> Iterator[str]:
+    """`restorch tracking up` on 127.0.0.1, with moto's credentials for its S3 artifacts (`s3_endpoint`;
+    None: `artifacts` is a folder); yields its URL."""
     port = free_port()
     log = root / "mlflow-server.log"
     command = [str(BIN / "restorch"), "tracking", "up", "--backend", backend, "--artifacts", artifacts,
-               "--host", "127.0.0.1", "--port", str(port), "--endpoint-url", s3_endpoint]
+               "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--endpoint-url", s3_endpoint] if s3_endpoint else []
     url = f"http://127.0.0.1:{port}"
     with started(command, env={**os.environ, **S3_ENV}, log=log, marker=f"--port {port} --workers") as process:
         wait_for(lambda: answers(f"{url}/health"), timeout=timeout, what="mlflow server", process=process, log=log)

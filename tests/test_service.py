@@ -29,7 +29,7 @@ from orchestrator.cli import main
 from orchestrator.dispatcher import ClusterJob, Limits, pick_next
 from orchestrator.service import MAX_BODY_BYTES, create_app
 from orchestrator.service_db import FINAL_STATES, Experiment, Token, open_database
-from servers import BIN, answers, free_port, postgres, started, wait_for
+from servers import BIN, answers, free_port, postgres, started, tracking_server, wait_for
 
 USERS = ("alice", "bob")
 
@@ -38,7 +38,7 @@ def spec(name: str, storage: Path, data: Path = Path("/data/rain"), iterations: 
     return {"name": name, "model": TINY_RESTORMER, "task": "deraining",
             "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 32, "batch_size": 2},
             "train": {"iterations": iterations, "val_every": 4, "checkpoint_every": 4},
-            "storage": {"path": str(storage)}}
+            "storage": {"path": str(storage), "shared": True}}  # every node of these tests' clusters is this machine
 
 
 class FakeCluster:
@@ -103,6 +103,14 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Service:
     return Service(tmp_path, Limits(max_running=2, max_running_per_user=1))
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow tracking server (SQLite, artifacts in a folder): sweeps sent to a cluster log to a server."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with tracking_server(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), None) as url:
+        yield url
 
 
 def test_token_create_prints_the_token_once_and_stores_only_its_hash(tmp_path, capsys):
@@ -234,9 +242,9 @@ def test_the_queue_waits_out_a_cluster_outage_and_fails_lost_jobs(service):
     assert lost["status"] == "failed" and lost["message"].startswith(f"the cluster has no job job-{experiment['id']}")
 
 
-def test_a_sweep_shows_its_trials_and_its_report_once_written(service):
+def test_a_sweep_shows_its_trials_and_its_report_once_written(service, mlflow_url):
     train = {"iterations": 4, "val_every": 4, "checkpoint_every": 4, "lr": {"grid": [1e-3, 2e-3]}}
-    tracking = {"uri": f"sqlite:///{service.root / 'mlflow.db'}"}
+    tracking = {"uri": mlflow_url}
     sweep = service.submit("alice", "swept", kind="sweep", train=train, tracking=tracking)
     path = f"/experiments/{sweep['id']}/report"
     missing = service.get(path, "alice")
@@ -255,14 +263,14 @@ def test_a_sweep_shows_its_trials_and_its_report_once_written(service):
     assert "writes no report" in service.get(f"/experiments/{train['id']}/report", "alice").json()["detail"]
 
 
-def test_an_ablation_report_holds_its_paper_style_table_from_mlflow(service):
+def test_an_ablation_report_holds_its_paper_style_table_from_mlflow(service, mlflow_url):
     from orchestrator.ablation_run import run_ablation
     from orchestrator.spec import parse_spec
 
     ablation = {"profile_only": True, "factors": {"kv": [{"label": "GLMHA r=0.25", "set": {"model.glmha.kv_reduction": 0.25}},
                                                           {"label": "GLMHA r=0.75", "set": {"model.glmha.kv_reduction": 0.75}}]}}
     changes = {"model": {**TINY_RESTORMER, "attention": "glmha", "glmha": {}}, "ablation": ablation,
-               "tracking": {"uri": f"sqlite:///{service.root / 'mlflow.db'}"}}
+               "tracking": {"uri": mlflow_url}}
     experiment = service.submit("alice", "kv-ablation", kind="ablate", **changes)
     path = f"/experiments/{experiment['id']}/report"
     assert service.get(path, "alice").status_code == 404  # not run yet: no table
