@@ -9,12 +9,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import sweep_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from servers import BIN, answers, free_port, started, wait_for
 
@@ -23,7 +23,7 @@ from orchestrator.cli import main
 from orchestrator.jobs import init_ray
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
-from orchestrator.tracking import EXPLOIT_TAG, PARENT_TAG, STOPPED_TAG, TRIAL_TAG
+from orchestrator.tracking import EXPLOIT_TAG, STOPPED_TAG, TRIAL_TAG
 from workloads.files import read_image, write_image
 from workloads.inference import restore
 
@@ -47,42 +47,6 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
-
-
-def tiny_spec(name: str, data: Path, search_values: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    """A sweep of a 4-channel Restormer with GLMHA on 16-pixel patches; `search_values` are
-    dotted keys -> search-space entries."""
-    spec: dict[str, Any] = {
-        "name": name,
-        "model": {"name": "restormer", "dim": 4, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
-                  "heads": [1, 1, 1, 1], "attention": "glmha", "glmha": {}},
-        "task": "deraining",
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 16, "batch_size": 2},
-        "train": {"iterations": 6, "val_every": 3, "checkpoint_every": 3, "log_every": 3, "lr": 2e-3},
-        "search": {"algorithm": "grid", "max_concurrent_trials": 2},
-    }
-    for section, values in sections.items():
-        spec[section] = {**spec.get(section, {}), **values}
-    for key, entry in search_values.items():
-        node = spec
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = entry
-    return spec
-
-
-def sweep_runs(client: MlflowClient, experiment: str) -> tuple[Any, dict[str, Any]]:
-    """The sweep's parent run and its child runs by trial id (asserting there is exactly one parent)."""
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    runs = client.search_runs([experiment_id])
-    parents = [run for run in runs if PARENT_TAG not in run.data.tags]
-    assert len(parents) == 1, [run.info.run_name for run in parents]
-    children = [run for run in runs if run.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
-    assert len(children) == len(runs) - 1
-    by_trial = {run.data.tags[TRIAL_TAG]: run for run in children}
-    assert len(by_trial) == len(children), "one child run per trial"
-    return parents[0], by_trial
 
 
 @pytest.fixture
