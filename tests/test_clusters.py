@@ -1,18 +1,23 @@
-"""The cluster definitions in clusters/: each parses, carries what Ray needs, and installs restorch."""
+"""The cluster definitions in clusters/: each parses, carries what Ray needs, installs restorch with the
+project's pinned versions (one software image), publishes its node types and sets shared tracking."""
 from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from orchestrator.sweep import TRIAL_RESOURCE
 
-CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "clusters"
 RAY_VERSION = re.compile(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu")
+INSTALL = re.compile(r"^sh ~/restorch/clusters/install.sh ~/restorch$")
 
 
 def load(name: str) -> dict:
@@ -20,7 +25,19 @@ def load(name: str) -> dict:
 
 
 def installs_restorch(commands: list[str]) -> bool:
-    return any(re.search(r"pip install .*~/restorch\b", command) for command in commands)
+    """The node runs clusters/install.sh on the synced project (what the image runs at build time)."""
+    return any(INSTALL.match(command) for command in commands)
+
+
+def pins() -> dict[str, str]:
+    """constraints.txt: package -> pinned version."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    return dict(line.split("==") for line in lines if line)
+
+
+def pyproject_requirement(name: str) -> Requirement:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(Requirement(d) for d in map(str, dependencies) if Requirement(d).name == name)
 
 
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "local.yaml"])
@@ -52,8 +69,14 @@ def test_aws_has_a_cpu_head_autoscaling_gpu_workers_and_s3_by_instance_profile()
     assert "IamInstanceProfile" not in head["node_config"]
     assert workers["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
     assert RAY_VERSION.fullmatch(config["docker"]["image"])
-    setup = " ".join(config["setup_commands"])
-    assert "torch" in setup and "deepspeed" in setup
+    assert installs_restorch(config["setup_commands"])
+    # The head publishes the node types (a GPU job is then submitted and waits for the workers) and
+    # runs the tracking server every node's MLFLOW_TRACKING_URI names.
+    head = config["head_start_ray_commands"]
+    assert "python -m orchestrator.autoscaler ~/ray_bootstrap_config.yaml" in head
+    assert any(re.search(r"restorch tracking up .*--host 0\.0\.0\.0 --port 5000", command) for command in head)
+    assert any("MLFLOW_TRACKING_URI=http://" in c and "ray start --head" in c for c in head)
+    assert any("MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in c for c in config["worker_start_ray_commands"])
 
 
 def test_kuberay_has_a_gpu_worker_group_with_resource_requests():
@@ -81,10 +104,36 @@ def test_kuberay_has_a_gpu_worker_group_with_resource_requests():
     assert f"-t {images.pop()} ." in dockerfile
     base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE).group(1)
     assert RAY_VERSION.fullmatch(base).group(1) == spec["rayVersion"]
-    assert re.search(r"pip install .*torch.*deepspeed", dockerfile)
-    assert re.search(r"pip install .*/home/ray/restorch\s*$", dockerfile, re.MULTILINE)
+    # Tracking on a server every pod reaches; the head publishes the worker groups when it starts.
+    for pod in (head_container, container):
+        assert {"name": "MLFLOW_TRACKING_URI", "value": "http://restorch-mlflow:5000"} in pod["env"]
+    assert "python -m orchestrator.autoscaler --kuberay" in " ".join(head_container["lifecycle"]["postStart"]["exec"]["command"])
 
 
-def test_all_definitions_run_the_same_ray_version():
-    aws = RAY_VERSION.fullmatch(load("aws-gpu.yaml")["docker"]["image"]).group(1)
-    assert aws == load("kuberay.yaml")["spec"]["rayVersion"]
+def test_the_image_is_built_from_the_project_with_its_pins_and_the_deepspeed_op():
+    """Read, not built (no Docker daemon here): the Dockerfile copies the project with constraints.txt
+    and runs clusters/install.sh, which installs under the constraints and compiles DeepSpeed's op."""
+    dockerfile = (CLUSTERS / "Dockerfile").read_text()
+    copied = {path for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", dockerfile, re.MULTILINE) for path in line.split()[:-1]}
+    assert {"pyproject.toml", "constraints.txt", "clusters/install.sh", "models", "workloads", "orchestrator"} <= copied
+    assert re.search(r"^RUN sh clusters/install.sh /home/ray/restorch$", dockerfile, re.MULTILINE)
+    assert re.search(r"^ENV TORCH_EXTENSIONS_DIR=\S+$", dockerfile, re.MULTILINE)  # the op, where every process finds it
+    ignore = (CLUSTERS / "Dockerfile.dockerignore").read_text().split()
+    assert {f"!{path}" for path in copied} <= set(ignore)
+    install = (CLUSTERS / "install.sh").read_text()
+    assert re.search(r'^pip install .*-c "\$project/constraints.txt" "\$project"$', install, re.MULTILINE)
+    assert re.search(r"DS_ACCELERATOR=cpu python -m workloads.deepspeed_ops$", install, re.MULTILINE)
+    assert (ROOT / "workloads" / "deepspeed_ops.py").exists()
+
+
+def test_pyproject_and_the_cluster_files_agree_on_torch_and_ray():
+    """Every node installs torch, Ray, DeepSpeed and MLflow at the versions constraints.txt pins; these
+    satisfy pyproject's bounds; no cluster file names a version bound of its own; the images' Ray tag is
+    the pinned Ray."""
+    pinned = pins()
+    for name in ("torch", "ray", "deepspeed", "mlflow"):
+        assert pyproject_requirement(name).specifier.contains(pinned[name]), (name, pinned[name])
+    for path in [*CLUSTERS.glob("*.yaml"), CLUSTERS / "Dockerfile", CLUSTERS / "install.sh"]:
+        assert not re.search(r"\b(torch|deepspeed|ray|mlflow)\s*(>=|<=|==|~=|<|>)", path.read_text()), path.name
+    tags = {RAY_VERSION.search((CLUSTERS / name).read_text()).group(1) for name in ("Dockerfile", "aws-gpu.yaml")}
+    assert tags == {pinned["ray"]} == {load("kuberay.yaml")["spec"]["rayVersion"]}
