@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from orchestrator.cli import build_parser, main
 from orchestrator.commands import COMMANDS
@@ -69,3 +71,13 @@ def test_recipes_are_listed_and_every_spec_command_takes_a_recipe_name(tmp_path,
         assert error in capsys.readouterr().err
     assert main(["spec", "check", "no-such-recipe"]) == 2
     assert "no-such-recipe: no such spec file, nor a recipe; recipes: glmha-table1-mst" in capsys.readouterr().err
+
+
+def test_the_readme_tables_name_every_model_and_attention():
+    from models import list_models
+    from models.attention import ATTENTIONS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    in_tables = set(re.findall(r"^\| `(\w+)` \|", readme, flags=re.MULTILINE))
+    assert set(list_models()) - in_tables == set()
+    assert set(ATTENTIONS) - in_tables == set()
