@@ -18,6 +18,35 @@ TINY_RESTORMER = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "nu
                   "heads": [1, 1, 1, 1]}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-skips", action="store_true",
+                     help="fail the run if a test skips, except GPU tests on a machine without GPUs (CI)")
+
+
+NOT_ALLOWED_SKIPS = pytest.StashKey[list[str]]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With --no-skips, a skipped test other than a `gpu` one fails the run."""
+    if not session.config.getoption("no_skips"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = [f"{report.nodeid}: {report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}"
+               for report in (reporter.stats.get("skipped", []) if reporter else []) if "gpu" not in report.keywords]
+    session.config.stash[NOT_ALLOWED_SKIPS] = skipped
+    if skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    skipped = config.stash.get(NOT_ALLOWED_SKIPS, [])
+    if skipped:
+        terminalreporter.write_line(f"--no-skips: {len(skipped)} test(s) skipped; install what they need "
+                                    "(.ci/run does):", red=True)
+        for line in skipped:
+            terminalreporter.write_line(f"  {line}", red=True)
+
+
 def two_factor_ablation(**settings: object) -> dict:
     """A fresh `ablation:` section: CSA baseline; attention (GLMHA, Performer) x FFN width (x2, x1.5)."""
     return {
