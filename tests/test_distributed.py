@@ -8,7 +8,9 @@ Every group has a short timeout: a collective that one rank enters alone fails f
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -98,3 +100,86 @@ def test_loop_reductions_run_under_a_gpu_jobs_process_group(device, derain_data,
         for name, value in alone.items():
             assert result["metrics"][f"{name}/a"] == pytest.approx(value, rel=1e-6)
             assert result["metrics"][name] == pytest.approx(value, rel=1e-6)
+
+
+class ReportBarrierSession:
+    """A LocalSession of one rank whose report waits for every rank's report, as `ray.train.report`
+    does (outside the process group: a rank stuck in a collective keeps the others waiting here)."""
+
+    def __init__(self, directory: Path, rank: int, world_size: int) -> None:
+        from workloads.session import LocalSession
+
+        self.local = LocalSession(directory / f"rank{rank}")
+        self.barrier, self.rank, self.world_size, self.reports = directory / "reported", rank, world_size, 0
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
+        self.local.report(metrics, checkpoint_dir, checkpoint_name)
+        self.reports += 1
+        self.barrier.mkdir(exist_ok=True)
+        (self.barrier / f"{self.reports}-{self.rank}").touch()
+        deadline = time.monotonic() + GROUP_TIMEOUT_S
+        while len(list(self.barrier.glob(f"{self.reports}-*"))) < self.world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: the other ranks never reported (one is stuck in a collective)")
+            time.sleep(0.05)
+
+
+def _final_checkpoints(rank: int, world_size: int, out: str, cases: list[tuple[int, str]]) -> None:
+    """Train a tiny model 2 steps per case (ZeRO stage, precision), write the final checkpoint through
+    the loop's report_checkpoint, and (rank 0) check its model.pt."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from models import build_model
+    from workloads.deepspeed_ops import prepare_cpu_comm_op
+    from workloads.train import CHECKPOINT_TAG, CONSOLIDATED_MODEL, deepspeed_config, load_consolidated, report_checkpoint
+
+    prepare_cpu_comm_op()
+    for stage, precision in cases:
+        case = f"ZeRO-{stage} {precision}, {world_size} worker(s)"
+        torch.manual_seed(0)
+        model = build_model(TINY_RESTORMER)
+        config = {"model": TINY_RESTORMER, "train": {"grad_clip": 1.0},
+                  "deepspeed": {"zero_stage": stage, "precision": precision}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                          config=deepspeed_config(config, 2), dist_init_required=False)
+        generator, dtype = torch.Generator().manual_seed(rank), next(engine.module.parameters()).dtype
+        for _ in range(2):
+            inputs, targets = (torch.rand(2, 3, 16, 16, generator=generator).to(engine.device, dtype) for _ in range(2))
+            engine.backward((engine(inputs).float() - targets.float()).abs().mean())
+            engine.step()
+        directory = Path(out) / f"zero{stage}-{precision}"
+        session = ReportBarrierSession(directory, rank, world_size)
+        report_checkpoint(engine, session, {"iteration": 2}, config, final=True)
+        if rank != 0:
+            continue
+        checkpoint = session.local.checkpoints[-1]
+        assert (checkpoint / CONSOLIDATED_MODEL).exists(), f"{case}: no {CONSOLIDATED_MODEL}"
+        weights = load_consolidated(checkpoint / CONSOLIDATED_MODEL).state_dict()
+        assert all(v.dtype == torch.float32 for v in weights.values()), f"{case}: not fp32"
+        module = engine.module.state_dict()
+        for name, value in weights.items():  # the module holds the fp32 weights rounded to its precision
+            assert torch.equal(value.to(module[name].dtype), module[name].cpu()), f"{case}: {name} differs"
+        if precision == "bf16":  # more than the bf16 module: the fp32 master weights
+            assert any(not torch.equal(v, v.bfloat16().float()) for v in weights.values()), f"{case}: bf16 values only"
+        # The fp32 master weights as DeepSpeed checkpoints them (the ranks' parts merged, as Ray merges them).
+        merged = directory / "merged"
+        for part in directory.glob("rank*/checkpoint_*"):
+            shutil.copytree(part, merged, dirs_exist_ok=True)
+        if stage > 0:
+            expected = get_fp32_state_dict_from_zero_checkpoint(merged, tag=CHECKPOINT_TAG)
+        elif precision == "bf16":  # the optimizer's fp32 copy of each parameter, in the model states
+            saved = torch.load(merged / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+            copies = [copy for group in saved["optimizer"]["fp32_groups"] for copy in group]
+            expected = dict(zip([name for name, _ in engine.module.named_parameters()], copies, strict=True))
+        else:
+            expected = {}  # no optimizer copy: the module's weights, checked above
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value.float()), f"{case}: {name} is not DeepSpeed's fp32 weight"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_final_checkpoint_model_pt_for_every_zero_stage_and_precision(world_size, tmp_path):
+    """model.pt is written and loads for ZeRO 0/1/2 x fp32/bf16, with every rank in each collective."""
+    cases = [(stage, precision) for stage in (0, 1, 2) for precision in ("fp32", "bf16")]
+    run_ranks(_final_checkpoints, str(tmp_path), cases, world_size=world_size)

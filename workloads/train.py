@@ -222,9 +222,10 @@ def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metr
     with tempfile.TemporaryDirectory(prefix="restorch-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"iteration": metrics["iteration"]})
         torch.save(rng_state(), Path(directory) / f"rng_rank{session.rank}.pt")
-        if final and session.rank == 0:
-            torch.save({"model_config": config["model"], "state_dict": consolidated_state_dict(engine)},
-                       Path(directory) / CONSOLIDATED_MODEL)
+        if final:
+            weights = consolidated_state_dict(engine)  # on every rank: a collective
+            if session.rank == 0:
+                torch.save({"model_config": config["model"], "state_dict": weights}, Path(directory) / CONSOLIDATED_MODEL)
         name = f"checkpoint_{metrics['iteration']:07d}"
         run = config.get("run", {})
         location = f"{run['storage_path']}/{run['name']}/{name}" if run else name
@@ -232,15 +233,21 @@ def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metr
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """The full fp32 weights on the CPU. ZeRO 0-2 keep full parameters on every rank; in bf16 the
-    fp32 master copy lives in the optimizer, so gather it from there."""
-    if next(engine.module.parameters()).dtype == torch.float32:
-        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The full fp32 weights on the CPU. A collective: every rank must call it. In bf16 the fp32 master
+    weights live in the optimizer: under ZeRO-0 a whole copy of each parameter on every rank; under
+    ZeRO 1/2 (fp32 too) partitioned over the ranks, each parameter's all-reduced from its partitions
+    (on the engine's device). Buffers come from the module."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag="fp32")
-        return get_fp32_state_dict_from_zero_checkpoint(directory, tag="fp32")
+    optimizer, copies = engine.optimizer, {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 bf16
+        copies = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+    state = engine.module.state_dict()
+    for name, param in engine.module.named_parameters(remove_duplicate=False):  # the same order on every rank
+        master = copies[id(param)] if id(param) in copies else safe_get_full_fp32_param(param)
+        state[name] = param if master is None else master  # None: no optimizer copy (ZeRO-0 fp32)
+    return {name: (value.float() if value.is_floating_point() else value).detach().cpu() for name, value in state.items()}
 
 
 def load_consolidated(path: str | Path) -> torch.nn.Module:
