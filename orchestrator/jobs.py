@@ -51,7 +51,7 @@ def pin_paths(spec: ExperimentSpec) -> ExperimentSpec:
     """The spec with its local paths made absolute (data folders, storage): it then means the same in
     every process, whatever its working directory (Tune runs each trial in its own)."""
     storage = spec.storage.model_copy(update={"path": storage_path(spec)})
-    return spec.model_copy(update={"data": spec.data.resolved(), "storage": storage})
+    return spec.model_copy(update={"data": spec.data.resolved(spec.storage.endpoint_url), "storage": storage})
 
 
 def preflight(spec: ExperimentSpec, address: str | None, *, tracked: bool) -> None:
@@ -63,7 +63,7 @@ def preflight(spec: ExperimentSpec, address: str | None, *, tracked: bool) -> No
         check_for_cluster(spec, tracked=tracked)
         return
     check_local_resources(spec)
-    spec.data.check_folders()
+    spec.data.check_folders(spec.storage.endpoint_url)
 
 
 def check_local_resources(spec: ExperimentSpec) -> None:

@@ -56,16 +56,24 @@ class TaskSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str = Field(description="training dataset folder (or a folder holding a train/ split)")
+    train: str = Field(description="training dataset folder (or a folder holding a train/ split), or its URI "
+                                   "(s3://bucket/prefix, staged once per node)")
     val: str | dict[str, str] = Field(
-        description="validation dataset folder (whole images), or several named sets {Rain100L: folder, Rain100H: "
-                    "folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr)")
+        description="validation dataset folder or URI (whole images), or several named sets {Rain100L: folder, "
+                    "Rain100H: folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr)")
     patch_size: int | None = Field(None, ge=8, description="fixed training patch size (one stage)")
     batch_size: int | None = Field(None, ge=1, description="per-worker batch size (one stage)")
     patch_sizes: list[int] | None = Field(None, description="progressive schedule: patch size per stage")
     batch_sizes: list[int] | None = Field(None, description="progressive schedule: per-worker batch per stage")
     stage_iterations: list[int] | None = Field(None, description="progressive schedule: iterations per stage")
     max_val_images: int | None = Field(None, ge=1, description="validate on the first N images only")
+    num_workers: int | None = Field(None, ge=0, description="loader processes per training worker, making batches "
+                                    "while the step runs; default cpus_per_worker - 1, at least 1 and at most 8")
+    cache_dir: str | None = Field(None, description="each node's cache of staged and decoded datasets (a local "
+                                  "disk); default $RESTORCH_CACHE_DIR, else ~/.cache/restorch")
+    digests: dict[str, str] = Field(default_factory=dict, description="content digest of each remote dataset "
+                                    "(URI -> digest), pinned by restorch when a run or sweep starts: a worker that "
+                                    "finds the dataset changed since then stops")
 
     @field_validator("val", mode="before")
     @classmethod
@@ -92,18 +100,28 @@ class DataSpec(_Section):
         val = {f"data.val.{name}": folder for name, folder in self.val_sets.items()} or {"data.val": self.val}
         return {"data.train": self.train, **val}
 
-    def resolved(self) -> DataSpec:
-        """A copy with the folders made absolute (local paths mean the same in every working directory)."""
+    def resolved(self, endpoint_url: str | None = None) -> DataSpec:
+        """A copy with the local folders made absolute (they mean the same in every working directory)
+        and each remote dataset's digest pinned, unless already (`endpoint_url`: storage.endpoint_url)."""
+        from workloads.staging import is_uri
+
         def absolute(folder: str) -> str:
-            return str(Path(folder).resolve())
+            return folder if is_uri(folder) else str(Path(folder).resolve())
 
         val = {name: absolute(folder) for name, folder in self.val_sets.items()} or absolute(self.val)
-        return self.model_copy(update={"train": absolute(self.train), "val": val})
+        digests = {uri: self.digests.get(uri) or _remote(key, uri, endpoint_url).digest
+                   for key, uri in self.folders().items() if is_uri(uri)}
+        return self.model_copy(update={"train": absolute(self.train), "val": val, "digests": digests})
 
-    def check_folders(self) -> None:
-        """Every dataset folder exists on this machine (before a local run starts)."""
+    def check_folders(self, endpoint_url: str | None = None) -> None:
+        """Every dataset folder exists on this machine and every remote dataset can be listed (before a
+        local run starts; `endpoint_url`: storage.endpoint_url)."""
+        from workloads.staging import is_uri
+
         for key, folder in self.folders().items():
-            if not Path(folder).is_dir():
+            if is_uri(folder):
+                _remote(key, folder, endpoint_url)
+            elif not Path(folder).is_dir():
                 raise SpecError(f"{key}: {folder} is not a folder on this machine; fix the path "
                                 "(`restorch data synth` writes a small dataset)")
 
@@ -124,6 +142,16 @@ class DataSpec(_Section):
         if self.patch_sizes:
             return {"patch_sizes": self.patch_sizes, "batch_sizes": self.batch_sizes, "iterations": self.stage_iterations}
         return {"patch_size": self.patch_size or 64, "batch_size": self.batch_size or 4}
+
+
+def _remote(key: str, uri: str, endpoint_url: str | None) -> Any:
+    """The listing of the remote dataset `key` (workloads.staging.RemoteDataset), or a SpecError."""
+    from workloads.staging import DatasetUnavailable, list_remote
+
+    try:
+        return list_remote(uri, endpoint_url)
+    except DatasetUnavailable as error:
+        raise SpecError(f"{key}: {error}") from None
 
 
 class TrainSpec(_Section):

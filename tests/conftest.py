@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from models import build_model
+from workloads.node_cache import CACHE_ENV
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
@@ -98,6 +99,16 @@ def sweep_runs(client: Any, experiment: str) -> tuple[Any, dict[str, Any]]:
     by_trial = {run.data.tags[TRIAL_TAG]: run for run in children}
     assert len(by_trial) == len(children), "one child run per trial"
     return parents[0], by_trial
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The datasets' node cache of this test session (not ~/.cache/restorch): no test hits an entry
+    that an earlier session left. Ray workers started by the tests inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("node-cache")
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

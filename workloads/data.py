@@ -12,6 +12,11 @@ unreadable file, wrong channel count, patch larger than an image) is found up fr
 Training samples are random crops with a random flip/rotation, drawn by `PatchBatchSampler`, which
 follows a `PatchSchedule` (Restormer's progressive patch and batch sizes) and seeds every crop, so a
 run is reproducible whatever the number of loader workers and can resume at any iteration.
+
+A training job reads its datasets through the node's cache (`load_datasets`): a remote dataset
+(s3://...) is staged once per node (workloads/staging.py), every image is decoded once per node into
+raw arrays (workloads/decode_cache.py) and crops are cut from their memory maps; `training_loader`
+makes the batches in loader processes, ahead of the step.
 """
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from workloads.files import DATA_SUFFIXES, array_shape, read_array
+from workloads.decode_cache import DecodedFiles, UnreadableFile
+from workloads.files import DATA_SUFFIXES, array_shape, read_raw, to_float
+from workloads.node_cache import cache_root
+from workloads.staging import is_uri, stage
 from workloads.tasks import Task
 
 MAX_LISTED_PROBLEMS = 20
@@ -167,6 +175,7 @@ class DatasetScan:
     source: Source
     pairs: list[Pair] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    decoded: DecodedFiles | None = None  # the files' raw arrays, when scanned through the node's cache
 
     def raise_for_problems(self) -> None:
         if not self.problems:
@@ -177,8 +186,9 @@ class DatasetScan:
         raise DatasetError(f"dataset {self.source.root} has {len(self.problems)} problem(s):\n{listed}{tail}")
 
 
-def scan_source(source: Source, task: Task, *, patch_size: int | None = None) -> DatasetScan:
-    """Check every file of a split for `task` (and for training crops of `patch_size`)."""
+def scan_source(source: Source, task: Task, *, patch_size: int | None = None, cache: Path | None = None) -> DatasetScan:
+    """Check every file of a split for `task` (and for training crops of `patch_size`). With `cache`
+    (the node's cache folder) the files are decoded into it, once, and checked from there."""
     scan = DatasetScan(source)
     if task.noise_sigma is not None:
         if not source.target_dir.is_dir():
@@ -189,8 +199,13 @@ def scan_source(source: Source, task: Task, *, patch_size: int | None = None) ->
         pairs = [(_stem(path.name), None, path) for path in _listed(source.target_dir, scan)]
     else:
         pairs = _paired_files(source, scan)
+    shape_of = array_shape
+    if cache is not None and pairs:
+        files = [path for _, input_path, target_path in pairs for path in (input_path, target_path) if path is not None]
+        scan.decoded = DecodedFiles(source.root, files, cache)
+        shape_of = scan.decoded.shape
     for name, input_path, target_path in pairs:
-        pair = _checked_pair(name, input_path, target_path, task, scan)
+        pair = _checked_pair(name, input_path, target_path, task, scan, shape_of)
         if pair is None:
             continue
         scan.pairs.append(pair)
@@ -246,15 +261,17 @@ def _paired_files(source: Source, scan: DatasetScan) -> list[tuple[str, Path, Pa
     return pairs
 
 
-def _checked_pair(name: str, input_path: Path | None, target_path: Path, task: Task, scan: DatasetScan) -> Pair | None:
+def _checked_pair(name: str, input_path: Path | None, target_path: Path, task: Task, scan: DatasetScan,
+                  shape_of: Callable[[Path], tuple[int, int, int]]) -> Pair | None:
     shapes = {}
     for path, channels in ((input_path, task.in_channels), (target_path, task.out_channels)):
         if path is None:
             continue
         try:
-            shapes[path] = array_shape(path)
+            shapes[path] = shape_of(path)
         except Exception as err:  # readers raise many types (OSError, SyntaxError, zlib/HDF5 errors...)
-            scan.problems.append(f"cannot read {path} ({type(err).__name__}: {err}): re-export the file or remove the pair")
+            error = str(err) if isinstance(err, UnreadableFile) else f"{type(err).__name__}: {err}"
+            scan.problems.append(f"cannot read {path} ({error}): re-export the file or remove the pair")
             continue
         if shapes[path][2] != channels:
             scan.problems.append(f"{path} has {shapes[path][2]} channel(s), {task.name} expects {channels}: convert it or remove the pair")
@@ -370,37 +387,39 @@ class PairedDataset(Dataset):
     `PatchBatchSampler`) for a training crop. Items are dicts of CHW float32 tensors `input` and
     `target` and the pair's `name`. Gaussian denoising adds noise of the task's sigma to the clean
     image, unclipped: seeded by the sample in training and by (seed, index) in validation, so every
-    evaluation sees the same noise.
+    evaluation sees the same noise. With `cache` (the node's cache folder) the files are decoded once
+    into it and read back by memory map; without, every item decodes its files.
     """
 
     def __init__(self, root: Path, task: Task, *, split: str | None = None, patch_size: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cache: Path | None = None) -> None:
         sources = {source.split: source for source in find_sources(root, task)}
         if split is None and len(sources) > 1:
             raise DatasetError(f"{root} holds several splits ({', '.join(sources)}): choose one with split=")
         if split is not None and split not in sources:
             raise DatasetError(f"{root} has no split {split!r}; it holds: {', '.join(sources) or '(root only)'}")
-        scan = scan_source(sources[split] if split is not None else next(iter(sources.values())), task, patch_size=patch_size)
+        source = sources[split] if split is not None else next(iter(sources.values()))
+        scan = scan_source(source, task, patch_size=patch_size, cache=cache)
         scan.raise_for_problems()
-        self.task, self.pairs, self.seed = task, scan.pairs, seed
+        self.task, self.pairs, self.seed, self.decoded = task, scan.pairs, seed, scan.decoded
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _raw(self, path: Path) -> np.ndarray:
+        return read_raw(path) if self.decoded is None else self.decoded.array(path)
+
     def __getitem__(self, item: int | Sample) -> dict:
+        pair = self.pairs[item.index if isinstance(item, Sample) else item]
+        target = self._raw(pair.target)
+        source = target if pair.input is None else self._raw(pair.input)
         if isinstance(item, Sample):
-            pair = self.pairs[item.index]
             rng = np.random.default_rng(item.seed)
-            target = read_array(pair.target)
-            source = target if pair.input is None else read_array(pair.input)
             source, target = _random_crop(source, target, item.patch_size, rng)
         else:
-            pair = self.pairs[item]
             rng = np.random.default_rng([self.seed, item])
-            target = read_array(pair.target)
-            source = target if pair.input is None else read_array(pair.input)
         if pair.input is None:
-            source = source + rng.normal(0.0, self.task.noise_sigma / 255.0, source.shape).astype(np.float32)
+            source = to_float(source) + rng.normal(0.0, self.task.noise_sigma / 255.0, source.shape).astype(np.float32)
         return {"input": _to_tensor(source), "target": _to_tensor(target), "name": pair.name}
 
 
@@ -417,4 +436,55 @@ def _random_crop(source: np.ndarray, target: np.ndarray, size: int, rng: np.rand
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+    """An HxWxC array (raw or float) as a CxHxW float32 tensor, converted and laid out in one pass."""
+    return torch.from_numpy(to_float(array.transpose(2, 0, 1), order="C"))
+
+
+# ------------------------------------------------------------------------------------------------
+# a training job's datasets and loader
+
+
+MAX_LOADER_WORKERS = 8
+PREFETCH_BATCHES = 4  # per loader worker: batches made ahead of the step
+
+
+def local_dataset(location: str, config: dict[str, Any]) -> Path:
+    """The local folder of a dataset of the job config: the folder itself, or a remote dataset
+    (s3://...) staged into the node's cache, checked against the digest the job pinned."""
+    if not is_uri(location):
+        return Path(location)
+    data = config["data"]
+    return stage(location, cache=cache_root(data.get("cache_dir")), endpoint_url=config.get("storage", {}).get("endpoint_url"),
+                 pinned=(data.get("digests") or {}).get(location))
+
+
+def load_datasets(config: dict[str, Any], task: Task, *, patch_size: int) -> tuple[PairedDataset, PairedDataset | dict[str, PairedDataset]]:
+    """The training set (checked for crops of `patch_size`) and the validation set, or named sets,
+    of a job config, read through the node's cache."""
+    data, seed = config["data"], config["train"]["seed"]
+    cache = cache_root(data.get("cache_dir"))
+
+    def dataset(location: str, **options: Any) -> PairedDataset:
+        return PairedDataset(local_dataset(location, config), task, seed=seed, cache=cache, **options)
+
+    val = data["val"]  # a folder, or named sets {name: folder}
+    val_sets = {name: dataset(folder) for name, folder in val.items()} if isinstance(val, dict) else dataset(val)
+    return dataset(data["train"], patch_size=patch_size), val_sets
+
+
+def loader_workers(config: dict[str, Any]) -> int:
+    """data.num_workers, else one loader process per CPU of the training worker past its own, 1 to 8."""
+    configured = config["data"].get("num_workers")
+    if configured is not None:
+        return configured
+    cpus = config.get("resources", {}).get("cpus_per_worker", 1)
+    return max(1, min(MAX_LOADER_WORKERS, int(cpus) - 1))
+
+
+def training_loader(dataset: PairedDataset, sampler: PatchBatchSampler, config: dict[str, Any],
+                    device: torch.device) -> DataLoader:
+    """The batches of `sampler`, made by loader processes while the step runs; on a GPU they come in
+    page-locked memory, so that a copy with non_blocking=True overlaps the step."""
+    workers = loader_workers(config)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=PREFETCH_BATCHES if workers else None)

@@ -4,6 +4,10 @@ Images: PNG (8 and 16 bit), JPEG, BMP, TIFF; values scaled to [0, 1] from their 
 (float TIFFs are taken as already in [0, 1]). Pillow truncates 16-bit colour PNGs to 8 bit, so those
 go through pypng. Cubes: `.npy` (HxWxB) and MATLAB `.mat`, both v7.3 (HDF5, as ARAD_1K ships) and
 older versions; the variable `cube` is read, or the file's only 3-D array.
+
+`read_raw` gives a file's array as stored (images in their integer dtype, cubes as float32), the
+form the node's decode cache keeps (workloads/decode_cache.py); `to_float` scales it as `read_array`
+does, so a crop of a raw array and the same crop of `read_array`'s result are equal.
 """
 from __future__ import annotations
 
@@ -26,11 +30,29 @@ CUBE_VARIABLE = "cube"  # ARAD_1K's name for the spectral cube in its .mat files
 
 def read_array(path: Path) -> np.ndarray:
     """An image or a cube, by file suffix, as HxWxC float32."""
-    return read_cube(path) if path.suffix.lower() in CUBE_SUFFIXES else read_image(path)
+    return to_float(read_raw(path))
+
+
+def read_raw(path: Path) -> np.ndarray:
+    """An image or a cube as HxWxC in its stored dtype (uint8, uint16 or float images; float32 cubes)."""
+    return read_cube(path) if path.suffix.lower() in CUBE_SUFFIXES else _read_image_raw(path)
+
+
+def to_float(raw: np.ndarray, order: str = "K") -> np.ndarray:
+    """An array of `read_raw` as float32 (laid out in memory by `order`, as numpy's): integer images
+    scaled to [0, 1] from their dtype's range. The division in float32 is correctly rounded: the same
+    values as dividing in float64 and rounding (checked for every uint8 and uint16 value)."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return np.divide(raw, np.iinfo(raw.dtype).max, dtype=np.float32, order=order)
+    return raw.astype(np.float32, order=order)
 
 
 def read_image(path: Path) -> np.ndarray:
     """An image as HxWxC float32 in [0, 1] (C = 1 for grey, 3 for colour; alpha is dropped)."""
+    return to_float(_read_image_raw(path))
+
+
+def _read_image_raw(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         data = tifffile.imread(path)
@@ -47,9 +69,7 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: expected a 2-D image, got an array of shape {data.shape}")
     if data.shape[-1] in (2, 4):  # grey + alpha, RGB + alpha
         data = data[..., :-1]
-    if np.issubdtype(data.dtype, np.integer):
-        return (data / np.iinfo(data.dtype).max).astype(np.float32)
-    return data.astype(np.float32)
+    return data
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -82,7 +102,7 @@ def array_shape(path: Path) -> tuple[int, int, int]:
     rather than during training; cubes are only opened (their headers name the shape)."""
     suffix = path.suffix.lower()
     if suffix not in CUBE_SUFFIXES:
-        return read_image(path).shape
+        return _read_image_raw(path).shape
     if suffix == ".npy":
         shape = np.load(path, mmap_mode="r").shape
     elif h5py.is_hdf5(path):

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from models import build_model
-from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule
+from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule, load_datasets, training_loader
 from workloads.metrics import mrae, over_sets
 from workloads.schedule import lr_factor
 from workloads.session import LocalSession, RayTrainSession, local_copy
@@ -58,10 +57,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
     seed_everything(train["seed"])
     model = build_model(config["model"])
     schedule = PatchSchedule.from_config(data["schedule"])
-    train_set = PairedDataset(Path(data["train"]), task, patch_size=schedule.max_patch_size, seed=train["seed"])
-    val = data["val"]  # a folder, or named sets {name: folder}
-    val_sets = ({name: PairedDataset(Path(folder), task, seed=train["seed"]) for name, folder in val.items()}
-                if isinstance(val, dict) else PairedDataset(Path(val), task, seed=train["seed"]))
+    train_set, val_sets = load_datasets(config, task, patch_size=schedule.max_patch_size)  # staged, decoded once per node
 
     prepare_cpu_comm_op()
     # fused: one pass, no temporaries. ZeRO steps the optimizer on one flat copy of all the parameters, where
@@ -92,7 +88,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
 
     sampler = PatchBatchSampler(len(train_set), schedule, total_iterations=stop_iteration(config), seed=train["seed"],
                                 start_iteration=start, rank=rank, world_size=world_size)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0)
+    loader = training_loader(train_set, sampler, config, engine.device)
     fault = config.get("fault")
 
     window_images, window_iterations, window_start, result = 0, 0, time.perf_counter(), {}
@@ -103,7 +99,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
             raise RuntimeError(f"injected fault in worker {rank} at iteration {step}")
 
         lr = engine.get_lr()[0]
-        inputs, targets = (batch[key].to(engine.device, dtype) for key in ("input", "target"))
+        inputs, targets = (batch[key].to(engine.device, dtype, non_blocking=True) for key in ("input", "target"))
         loss = task_loss(task, engine(inputs).float(), targets.float())
         engine.backward(loss)
         engine.step()
