@@ -48,7 +48,8 @@ import yaml
 from ray import tune
 
 from orchestrator.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
-from orchestrator.progress import ProgressTable
+from orchestrator.console import console
+from orchestrator.progress import SweepProgress
 from orchestrator.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
 from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, mutation_domains, parse_spec,
                                resolve_trial)
@@ -60,6 +61,7 @@ from orchestrator.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"
 SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
+LOG_FILE = "sweep.log"  # what the driver's process writes besides restorch's lines (orchestrator/console.py)
 POINTER_FILE = "train_checkpoint.json"  # a pbt trial's Tune checkpoint: which job checkpoint it stands for
 
 
@@ -242,7 +244,9 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
     run_config = tune.RunConfig(
         name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
-        callbacks=[TrialStatusCallback(tracking), ProgressTable(spec.searched_keys(), task_metrics)],
+        callbacks=[TrialStatusCallback(tracking),
+                   SweepProgress(spec.searched_keys(), task_metrics, trials=spec.trial_count(),
+                                 iterations=spec.train.iterations, scheduler=search.scheduler)],
     )
     param_space = {domain.key: tune_domain(domain) for domain in spec.search_space}
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -253,6 +257,13 @@ def _pinned(spec: ExperimentSpec) -> ExperimentSpec:
     spec = pin_paths(spec)
     tracking = spec.tracking.model_copy(update={"uri": resolve_uri(spec.tracking.uri)})
     return spec.model_copy(update={"tracking": tracking})
+
+
+def _log_path(spec: ExperimentSpec, folder: str) -> Path:
+    """The sweep's log: in its folder, or for a sweep stored on S3 in the temp folder of this machine."""
+    if "://" in folder:
+        return Path(tempfile.gettempdir()) / "restorch" / spec.name / LOG_FILE
+    return Path(folder) / LOG_FILE
 
 
 def _check_trial_slots() -> None:
@@ -279,6 +290,9 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
     task_metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
 
     mark("driver_validated")
+    console.print(f"sweep {spec.name}: {spec.trial_count()} trials ({spec.search.algorithm} search, "
+                  f"{spec.search.scheduler} scheduler), {spec.search.max_concurrent_trials} at a time")
+    console.capture(_log_path(spec, folder))
     with ThreadPoolExecutor(max_workers=1) as pool:
         store = pool.submit(open_store, spec.tracking.uri)
         init_ray(address, local_resources={TRIAL_RESOURCE: spec.search.max_concurrent_trials})
@@ -291,7 +305,7 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
     tracking = open_sweep_run(spec, folder, resume=resume)
     trainable = _trainable(spec, tracking, folder, task_metrics[0])
     if resume:
-        print(f"resuming sweep {spec.name} from {folder}", flush=True)
+        console.print(f"resuming sweep {spec.name} from {folder}")
         tuner = tune.Tuner.restore(storage_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)
     else:

@@ -13,6 +13,8 @@ COMMANDS = {
     "serve": "serve", "recipes": "recipes",
 }
 SPEC_HELP = "experiment spec (YAML), or a recipe's name (`restorch recipes` lists them)"
+VERBOSE_HELP = "also print what Ray, MLflow and the workers print (else in the log whose path is printed)"
+QUIET_MLFLOW_HELP = "also print MLflow's messages, warnings and download progress"
 
 
 def command_modules(command: str | None = None) -> list[ModuleType]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from orchestrator.commands import VERBOSE_HELP
 from orchestrator.commands.report import DEFAULT_REPORTS, print_report
+from orchestrator.console import console
 from orchestrator.recipes import spec_file
 from orchestrator.spec import SpecError, load_spec
 
@@ -24,8 +26,8 @@ def _ablate(args: argparse.Namespace) -> int:
     folder = write_report(report, args.out or Path(DEFAULT_REPORTS) / spec.name)
     publish_report(client, run.parent_run_id, folder)
     print_report(folder)
-    print(f"also logged to MLflow run {run.parent_run_id} (artifacts report/); rebuild anywhere with "
-          f"`restorch report {spec.name}`")
+    console.print(f"also logged to MLflow run {run.parent_run_id} (artifacts report/); rebuild anywhere with "
+                  f"`restorch report {spec.name}`")
     return 1 if run.errors else 0
 
 
@@ -36,4 +38,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ablate.add_argument("--out", type=Path, help=f"report folder (default {DEFAULT_REPORTS}/NAME)")
     ablate.add_argument("--yes", action="store_true", help="launch even more than search.max_trials trials")
     ablate.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    ablate.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     ablate.set_defaults(handler=_ablate)

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.commands import VERBOSE_HELP
 from orchestrator.commands.sweep import mlflow_ui_command
+from orchestrator.console import console
 from orchestrator.spec import parse_spec
 
 DEMO_DATA = Path("restorch_demo/rain")
@@ -45,11 +47,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"wrote {counts['train']} train + {counts['val']} val deraining pairs to {DEMO_DATA}")
     spec = parse_spec(demo_spec(DEMO_DATA, f"demo-{time.strftime('%Y%m%d-%H%M%S')}"), source="demo spec")
     outcome = run_sweep(spec, yes=True)
-    print(outcome.report())
-    print(f"\nMLflow UI on these runs: {mlflow_ui_command(outcome.spec.tracking.uri or '')}")
+    console.print(outcome.report())
+    console.print(f"\nMLflow UI on these runs: {mlflow_ui_command(outcome.spec.tracking.uri or '')}")
     return 1 if outcome.errors else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="run the main job: a small GLMHA sweep on synthetic deraining data, tracked in MLflow")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(handler=_demo)

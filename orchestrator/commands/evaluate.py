@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from orchestrator.commands import QUIET_MLFLOW_HELP
+from orchestrator.console import quiet_mlflow
 from workloads.tasks import TASKS, Task, get_task
 
 
@@ -62,6 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.model:
         if not args.data or args.pred or args.target:
             raise ValueError("--model takes --data DIR (a dataset folder), not --pred/--target")
+        quiet_mlflow()
         from orchestrator.registry import evaluate_version
 
         result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)
@@ -88,4 +91,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--task", required=True, choices=list(TASKS), help="fixes the protocol (e.g. Y channel for deraining)")
     evaluate.add_argument("--sigma", type=float, help="gaussian_denoising noise level the results were made at (recorded)")
     evaluate.add_argument("--json", type=Path, help="also write the result record (with its protocol) to this file")
+    evaluate.add_argument("--verbose", action="store_true", help=f"with --model: {QUIET_MLFLOW_HELP}")
     evaluate.set_defaults(handler=_evaluate)

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.commands import QUIET_MLFLOW_HELP
+from orchestrator.console import quiet_mlflow
+
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.tracking import MlflowClient
@@ -23,6 +26,7 @@ def _aliases_of(client: MlflowClient, name: str) -> dict[str, list[str]]:
 
 
 def _register(args: argparse.Namespace) -> int:
+    quiet_mlflow()
     from orchestrator import registry
 
     version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
@@ -83,6 +87,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    quiet_mlflow()
     from orchestrator import registry
 
     from workloads.inference import restore_files
@@ -104,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reg.add_argument("--name", required=True, help="registered model name, e.g. derain-glmha")
     reg.add_argument("--metric", default="psnr", help="metric that picks the best trial (default psnr)")
     reg.add_argument("--mode", choices=["max", "min"], default="max")
+    reg.add_argument("--verbose", action="store_true", help=QUIET_MLFLOW_HELP)
     reg.set_defaults(handler=_register)
 
     group = subparsers.add_parser("registry", help="registered models: promote, list, show, compare")
@@ -130,4 +136,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     restore.add_argument("--tile", type=int, help="tile size for large images (a multiple of 8)")
     restore.add_argument("--overlap", type=int, default=32)
     restore.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
+    restore.add_argument("--verbose", action="store_true", help=QUIET_MLFLOW_HELP)
     restore.set_defaults(handler=_restore)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from orchestrator.console import console
+
 DEFAULT_REPORTS = "reports"
 
 
@@ -11,8 +13,8 @@ def print_report(folder: Path) -> None:
     """The Markdown table of the report in `folder`, and where its files are."""
     from orchestrator.report import MARKDOWN_FILE
 
-    print((folder / MARKDOWN_FILE).read_text())
-    print(f"report: {folder} (table.csv, table.md, table.tex, report.html, plots)")
+    console.print((folder / MARKDOWN_FILE).read_text())
+    console.print(f"report: {folder} (table.csv, table.md, table.tex, report.html, plots)")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from orchestrator.jobs import absolute_storage
 from orchestrator.results import format_table
-from orchestrator.commands import SPEC_HELP
+from orchestrator.commands import SPEC_HELP, VERBOSE_HELP
+from orchestrator.console import console
 from orchestrator.recipes import spec_file
 from orchestrator.spec import DEFAULT_STORAGE, SpecError, load_spec
 
@@ -37,8 +38,8 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         spec = load_spec(spec_file(args.spec))
     outcome = run_sweep(spec, address=args.address, yes=args.yes)
-    print(outcome.report())
-    print(f"MLflow: {mlflow_ui_command(outcome.spec.tracking.uri or '')}")
+    console.print(outcome.report())
+    console.print(f"MLflow: {mlflow_ui_command(outcome.spec.tracking.uri or '')}")
     return 1 if outcome.errors else 0
 
 
@@ -66,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--endpoint-url", help=f"with --resume: {endpoint_help}")
     sweep.add_argument("--yes", action="store_true", help="launch even more than search.max_trials trials")
     sweep.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    sweep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sweep.set_defaults(handler=_sweep)
 
     status = subparsers.add_parser("status", help="list sweeps, or one sweep's trials, with their Tune and MLflow states")

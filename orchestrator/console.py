@@ -1,0 +1,75 @@
+"""What restorch prints: its own lines, while everything else a sweep's process writes goes to a log.
+
+A sweep's driver process also prints Ray's and Tune's messages, the output of every trial's workers
+(Ray forwards it to the driver: 700-character report lines, DeepSpeed's notices) and MLflow's
+warnings. Once a sweep has validated its spec it calls `console.capture(log)`: from then on the
+process's file descriptors 1 and 2 write to `log`, so all of that goes there, whichever library
+writes it and however (Python, C, a forwarding thread); restorch's own lines, `console.print`, go to
+the terminal. `console.release()` (the CLI calls it when a command ends) first stops Ray, whose
+forwarding thread would otherwise print workers' late lines after the final table, then gives the
+terminal back. `--verbose` (`console.verbose`) leaves everything on the terminal.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TextIO
+
+
+class Console:
+    def __init__(self) -> None:
+        self.verbose = False
+        self.log: Path | None = None  # where the other output goes, while captured
+        self._terminal: TextIO | None = None
+        self._saved_fds: list[int] = []
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self._terminal or sys.stdout, flush=True)
+
+    def capture(self, log: Path) -> None:
+        """Send file descriptors 1 and 2 to `log` (appended); restorch's lines keep the terminal."""
+        if self.verbose or self._terminal is not None:
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved_fds = [os.dup(1), os.dup(2)]
+        self._terminal = os.fdopen(os.dup(1), "w")
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        self.log = log
+        self.print(f"Ray, MLflow and worker output: {log} (--verbose prints it here)")
+
+    def release(self) -> None:
+        """Stop Ray (its log-forwarding thread), then give file descriptors 1 and 2 back."""
+        if self._terminal is None:
+            return
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in zip((1, 2), self._saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._terminal.close()
+        self._terminal, self._saved_fds, self.log = None, [], None
+
+
+console = Console()
+
+
+def quiet_mlflow() -> None:
+    """For the commands that read or register models (register, restore, evaluate): no artifact
+    download bars, no MLflow INFO lines or UserWarnings, unless --verbose. Call before MLflow is
+    imported (it reads its logging level then)."""
+    if console.verbose:
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
