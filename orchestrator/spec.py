@@ -4,6 +4,7 @@
     model: {name: restormer, dim: 16, attention: glmha, glmha: {alpha: {grid: [0.4, 0.6]}}}
     task: deraining                     # or {name: gaussian_denoising, sigma: 25}
     data: {train: data/rain-mini/train, val: data/rain-mini/val, patch_size: 64, batch_size: 4}
+                                        # batch_size: the global batch of a step, split over the workers
                                         # or several named sets: val: {Rain100L: PATH, Rain100H: PATH}
     train: {iterations: 200, lr: 3.0e-4, val_every: 50}
     deepspeed: {zero_stage: 1}
@@ -62,9 +63,11 @@ class DataSpec(_Section):
         description="validation dataset folder or URI (whole images), or several named sets {Rain100L: folder, "
                     "Rain100H: folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr)")
     patch_size: int | None = Field(None, ge=8, description="fixed training patch size (one stage)")
-    batch_size: int | None = Field(None, ge=1, description="per-worker batch size (one stage)")
+    batch_size: int | None = Field(None, ge=1, description="global batch per optimizer step (one stage): all workers "
+                                   "together, each computing batch_size / (resources.num_workers x "
+                                   "train.grad_accumulation) samples at a time; default 4")
     patch_sizes: list[int] | None = Field(None, description="progressive schedule: patch size per stage")
-    batch_sizes: list[int] | None = Field(None, description="progressive schedule: per-worker batch per stage")
+    batch_sizes: list[int] | None = Field(None, description="progressive schedule: global batch per stage")
     stage_iterations: list[int] | None = Field(None, description="progressive schedule: iterations per stage")
     max_val_images: int | None = Field(None, ge=1, description="validate on the first N images only")
     num_workers: int | None = Field(None, ge=0, description="loader processes per training worker, making batches "
@@ -165,6 +168,8 @@ class TrainSpec(_Section):
     )
     min_lr: float = Field(1e-6, ge=0)
     grad_clip: float = Field(0.01, gt=0, description="gradient norm clip (Restormer: 0.01)")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step, for a global batch larger "
+                                                         "than the workers' memory (the step and lr stay per batch)")
     val_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
@@ -304,6 +309,21 @@ class ExperimentSpec(_Section):
     @classmethod
     def _task_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _batches_split(self) -> ExperimentSpec:
+        """Each global batch splits evenly over the workers and the micro-batches of a step."""
+        schedule = self.data.schedule_config()
+        key = "data.batch_sizes" if "batch_sizes" in schedule else "data.batch_size"
+        workers, accumulation = self.resources.num_workers, self.train.grad_accumulation
+        for batch in schedule.get("batch_sizes") or [schedule["batch_size"]]:
+            if batch % (workers * accumulation):
+                multiple = workers * accumulation * max(1, round(batch / (workers * accumulation)))
+                raise ValueError(
+                    f"{key}: {batch} is a global batch, split over resources.num_workers ({workers}) x "
+                    f"train.grad_accumulation ({accumulation}) micro-batches; make it a multiple of "
+                    f"{workers * accumulation} (e.g. {multiple}) or change num_workers / grad_accumulation")
+        return self
 
     def trial_count(self) -> int:
         """Trials a sweep launches: the product of the grid sizes, times num_samples."""
@@ -446,6 +466,8 @@ def _format_validation_error(error: ValidationError) -> str:
             lines.append(f"{where}: unknown key; remove it or check its spelling (`restorch spec schema` lists valid keys)")
         elif item["type"] == "missing":
             lines.append(f"{where}: required key is missing")
+        elif not item["loc"]:  # a check across sections, whose message names its keys
+            lines.append(item["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(lines)

@@ -86,7 +86,7 @@ BAD_SPECS = {
                                 "train.lr: candidate value -1.0 is invalid"),
     "grid larger than max_trials": (lambda t: _bad(t, search={"max_trials": 3}),
                                     "launches 4 trials, more than search.max_trials = 3; raise search.max_trials or pass --yes"),
-    "more CPUs than the machine has": (lambda t: _bad(t, resources={"num_workers": 512}),
+    "more CPUs than the machine has": (lambda t: _bad(t, resources={"num_workers": 512}, data={"batch_size": 512}),
                                        "resources: 512 workers x 1 CPUs"),
     "missing data folder": (lambda t: _bad(t, data={"train": str(t / "nowhere")}), "data.train: "),
     "missing named validation folder": (

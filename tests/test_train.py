@@ -14,24 +14,30 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from conftest import TINY_RESTORMER
 from orchestrator.jobs import job_config
-from orchestrator.spec import parse_spec
+from orchestrator.spec import SpecError, parse_spec
 
 
-def make_spec(data: Path, storage: Path, name: str = "job", **sections: Any):
+def spec_data(dataset: Path, storage: Path, name: str = "job", **sections: Any) -> dict[str, Any]:
+    """A tiny training job's spec (YAML data): TINY_RESTORMER on `dataset`, 8 iterations; `sections` update it."""
     raw = {
         "name": name,
         "model": TINY_RESTORMER,
         "task": "deraining",
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 32, "batch_size": 4},
+        "data": {"train": str(dataset / "train"), "val": str(dataset / "val"), "patch_size": 32, "batch_size": 4},
         "train": {"iterations": 8, "val_every": 4, "checkpoint_every": 4, "log_every": 1, "lr": 2e-3, "seed": 7},
         "storage": {"path": str(storage)},
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
-    return parse_spec(raw)
+    return raw
+
+
+def make_spec(dataset: Path, storage: Path, name: str = "job", **sections: Any):
+    return parse_spec(spec_data(dataset, storage, name, **sections))
 
 
 def _run_local(config: dict, directory: str, resume_from: str | None) -> tuple[list[dict], list[str]]:
@@ -102,6 +108,43 @@ def test_zero_stages_give_the_same_loss_curve(derain_data, tmp_path):
     assert curves[2] == pytest.approx(curves[0], rel=1e-3)
 
 
+# A progressive schedule whose global batch grows: 4 crops of 16 px for 2 steps, then 8 of 24 px.
+GROWING_BATCH = {"patch_size": None, "batch_size": None, "patch_sizes": [16, 24], "batch_sizes": [4, 8],
+                 "stage_iterations": [2, 2]}
+
+
+def test_any_number_of_workers_and_micro_batches_see_the_same_global_batch(derain_data, tmp_path):
+    """data.batch_size (here the schedule's batch_sizes) is the global batch of a step: split over 1 or 2
+    workers and 1 or 2 micro-batches, each step draws the same samples, and DeepSpeed gets the same batch."""
+    from workloads.train import deepspeed_config, micro_batch, training_sampler
+
+    steps = {}
+    for workers, accumulation in ((1, 1), (1, 2), (2, 1), (2, 2)):
+        spec = make_spec(derain_data, tmp_path, data=GROWING_BATCH, resources={"num_workers": workers},
+                         train={"grad_accumulation": accumulation})
+        config = job_config(spec, "job", str(tmp_path))
+        ranks = [list(training_sampler(config, 20, 0, rank, workers)) for rank in range(workers)]
+        steps[workers, accumulation] = [sum(shares, []) for shares in zip(*ranks)]  # each step's samples, all ranks
+        for iteration, global_batch in enumerate([4, 4, 8, 8]):
+            micro = micro_batch(config, workers, iteration)
+            assert micro * accumulation * workers == global_batch
+            assert all(len(batches[iteration]) == micro * accumulation for batches in ranks)  # the loop's chunks
+        ds = deepspeed_config(config, micro_batch(config, workers))
+        assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * workers == 4
+    assert [len(step) for step in steps[1, 1]] == [4, 4] + [8] * 6  # 8 iterations
+    assert all(samples == steps[1, 1] for samples in steps.values())
+
+
+def test_a_global_batch_that_does_not_split_is_refused(derain_data, tmp_path):
+    with pytest.raises(SpecError, match=r"data.batch_size: 6 is a global batch, split over resources.num_workers "
+                                        r"\(2\) x train.grad_accumulation \(2\) micro-batches; make it a multiple of "
+                                        r"4 \(e.g. 8\) or change num_workers / grad_accumulation"):
+        make_spec(derain_data, tmp_path, data={"batch_size": 6}, resources={"num_workers": 2},
+                  train={"grad_accumulation": 2})
+    with pytest.raises(SpecError, match=r"data.batch_sizes: 6 is a global batch"):
+        make_spec(derain_data, tmp_path, data={**GROWING_BATCH, "batch_sizes": [4, 6]}, resources={"num_workers": 4})
+
+
 @pytest.mark.slow
 def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     """2 Ray Train workers, ZeRO-2: worker 1 crashes once after the first checkpoint; Ray restarts
@@ -124,6 +167,37 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
     assert history["psnr"].iloc[-1] > history["psnr"].iloc[0]
     assert (Path(result.checkpoint.path) / "model.pt").exists()
+
+
+def _deepspeed_fp32_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from workloads.train import CHECKPOINT_TAG
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=CHECKPOINT_TAG)
+    return {name: value.detach() for name, value in weights.items()}
+
+
+@pytest.mark.slow
+def test_two_workers_zero1_bf16_train_writes_the_fp32_model(derain_data, tmp_path):
+    """`restorch train` with 2 workers, ZeRO-1, bf16 (the default on GPUs) finishes, and its model.pt
+    holds the fp32 master weights of the ranks' optimizer partitions (DeepSpeed's own consolidation)."""
+    from workloads.train import load_consolidated
+
+    raw = spec_data(derain_data, tmp_path / "runs", name="bf16", deepspeed={"zero_stage": 1, "precision": "bf16"},
+                    resources={"num_workers": 2})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([str(Path(sys.executable).parent / "restorch"), "train", "spec.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    final = tmp_path / "runs" / "bf16" / "checkpoint_0000008"
+    weights = load_consolidated(final / "model.pt").state_dict()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        expected = pool.submit(_deepspeed_fp32_weights, str(final)).result()
+    assert expected.keys() <= weights.keys()
+    assert all(torch.equal(weights[name], value.float()) for name, value in expected.items())
+    assert any(not torch.equal(value, value.bfloat16().float()) for value in weights.values())  # fp32, not bf16
 
 
 def test_a_build_lock_left_by_a_killed_compile_does_not_hang_the_next_job():

@@ -43,12 +43,11 @@ def local_copy(checkpoint: Any) -> tempfile.TemporaryDirectory:
 
 
 class LocalSession:
-    """One process, rank 0 of 1: reports are kept in `self.reports`, checkpoints in `directory`."""
+    """A process outside Ray (rank 0 of 1 unless told): reports are kept in `self.reports`, checkpoints
+    in `directory`. For several ranks, the caller sets up their process group."""
 
-    rank = 0
-    world_size = 1
-
-    def __init__(self, directory: Path, resume_from: Path | None = None) -> None:
+    def __init__(self, directory: Path, resume_from: Path | None = None, *, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
         self.directory = Path(directory)
         self.resume_from = resume_from
         self.reports: list[dict[str, Any]] = []

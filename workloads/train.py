@@ -7,8 +7,9 @@ for a pbt trial also where this run stops, `stop_at`, and `init_from`, another j
 start from when the job has none of its own).
 
 Per worker: build the model, wrap it with DeepSpeed (AdamW, Restormer's lr schedule, gradient
-clipping, ZeRO), resume from the last checkpoint if Ray Train hands one over, then iterate: a batch
-of random crops (sized by the progressive schedule), L1 (or MRAE) loss, backward, step. Every
+clipping, ZeRO), resume from the last checkpoint if Ray Train hands one over, then iterate: this
+worker's share of the step's global batch of random crops (sized by the progressive schedule), in
+`train.grad_accumulation` micro-batches: L1 (or MRAE) loss, backward; then the optimizer step. Every
 `val_every` iterations: whole-image validation by the task's protocol. Every `checkpoint_every`
 iterations and at the end: a DeepSpeed checkpoint (model, optimiser, scheduler, iteration, RNG),
 reported to Ray Train; the final one also holds `model.pt`, the consolidated fp32 state dict.
@@ -16,6 +17,7 @@ reported to Ray Train; the final one also holds `model.pt`, the consolidated fp3
 from __future__ import annotations
 
 import os
+import dataclasses
 import random
 import resource
 import socket
@@ -51,12 +53,12 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
 
     train, data = config["train"], config["data"]
     task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
-    rank, world_size = session.rank, session.world_size
+    rank, world_size, accumulation = session.rank, session.world_size, train["grad_accumulation"]
 
     # Same initial weights on every rank; different (disjoint) data per rank comes from the sampler.
     seed_everything(train["seed"])
     model = build_model(config["model"])
-    schedule = PatchSchedule.from_config(data["schedule"])
+    schedule = PatchSchedule.from_config(data["schedule"])  # global batches
     train_set, val_sets = load_datasets(config, task, patch_size=schedule.max_patch_size)  # staged, decoded once per node
 
     prepare_cpu_comm_op()
@@ -69,7 +71,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
             i, total=train["iterations"], base_lr=train["lr"], min_lr=train["min_lr"],
             warmup=train["warmup_iterations"], constant=train["constant_iterations"])),
-        config=deepspeed_config(config, schedule.at(0)[1]),
+        config=deepspeed_config(config, micro_batch(config, world_size)),
         dist_init_required=False,
     )
     dtype = next(engine.module.parameters()).dtype
@@ -86,8 +88,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
             restore_rng(Path(directory) / f"rng_rank{rank}.pt")
         set_hyperparameters(engine, train["lr"], train["weight_decay"])
 
-    sampler = PatchBatchSampler(len(train_set), schedule, total_iterations=stop_iteration(config), seed=train["seed"],
-                                start_iteration=start, rank=rank, world_size=world_size)
+    sampler = training_sampler(config, len(train_set), start, rank, world_size)
     loader = training_loader(train_set, sampler, config, engine.device)
     fault = config.get("fault")
 
@@ -100,9 +101,12 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
 
         lr = engine.get_lr()[0]
         inputs, targets = (batch[key].to(engine.device, dtype, non_blocking=True) for key in ("input", "target"))
-        loss = task_loss(task, engine(inputs).float(), targets.float())
-        engine.backward(loss)
-        engine.step()
+        losses = []
+        for micro_inputs, micro_targets in zip(inputs.chunk(accumulation), targets.chunk(accumulation)):
+            losses.append(task_loss(task, engine(micro_inputs).float(), micro_targets.float()))
+            engine.backward(losses[-1])  # scaled by 1/accumulation
+            engine.step()  # the optimizer steps after the last micro-batch
+        loss = torch.stack(losses).mean()
         window_images += inputs.shape[0]
         window_iterations += 1
 
@@ -141,6 +145,22 @@ def stop_iteration(config: dict[str, Any]) -> int:
     return config.get("run", {}).get("stop_at") or config["train"]["iterations"]
 
 
+def training_sampler(config: dict[str, Any], dataset_size: int, start: int, rank: int,
+                     world_size: int) -> PatchBatchSampler:
+    """This rank's share of each step's global batch (data.batch_size, or the schedule's batch sizes):
+    every rank draws the same global batch and keeps its slice, so any number of workers sees the same."""
+    schedule = PatchSchedule.from_config(config["data"]["schedule"])
+    shares = dataclasses.replace(schedule, batch_sizes=tuple(batch // world_size for batch in schedule.batch_sizes))
+    return PatchBatchSampler(dataset_size, shares, total_iterations=stop_iteration(config),
+                             seed=config["train"]["seed"], start_iteration=start, rank=rank, world_size=world_size)
+
+
+def micro_batch(config: dict[str, Any], world_size: int, iteration: int = 0) -> int:
+    """Samples a worker computes at once: the step's global batch over workers x accumulation steps."""
+    batch = PatchSchedule.from_config(config["data"]["schedule"]).at(iteration)[1]
+    return batch // (world_size * config["train"]["grad_accumulation"])
+
+
 def set_hyperparameters(engine: Any, lr: float, weight_decay: float) -> None:
     """The job's own base lr and weight decay on a loaded optimizer/scheduler state (the same values,
     unless a pbt trial continues another trial's state with mutated ones): the schedule goes on from
@@ -152,13 +172,15 @@ def set_hyperparameters(engine: Any, lr: float, weight_decay: float) -> None:
 
 
 def deepspeed_config(config: dict[str, Any], micro_batch: int) -> dict[str, Any]:
-    """DeepSpeed's config from the job: ZeRO stage, precision, clipping (optimizer/scheduler passed in)."""
+    """DeepSpeed's config from the job: micro-batch and accumulation steps, ZeRO stage, precision, clipping
+    (optimizer and scheduler passed in). With a progressive schedule `micro_batch` is the first stage's:
+    DeepSpeed only counts samples with it."""
     precision, stage = config["deepspeed"]["precision"], config["deepspeed"]["zero_stage"]
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": config["train"].get("grad_accumulation", 1),
         "gradient_clipping": config["train"]["grad_clip"],
         # ZeRO-0/1 keep whole gradients until the step: copying each into one contiguous buffer as backward
         # produces it (DeepSpeed's default, against fragmentation when ZeRO-2 partitions them) only adds a
@@ -221,7 +243,8 @@ def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metr
         if final:
             weights = consolidated_state_dict(engine)  # on every rank: a collective
             if session.rank == 0:
-                torch.save({"model_config": config["model"], "state_dict": weights}, Path(directory) / CONSOLIDATED_MODEL)
+                torch.save({"model_config": config["model"], "state_dict": weights},
+                           Path(directory) / CONSOLIDATED_MODEL)
         name = f"checkpoint_{metrics['iteration']:07d}"
         run = config.get("run", {})
         location = f"{run['storage_path']}/{run['name']}/{name}" if run else name
@@ -238,12 +261,14 @@ def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 
     optimizer, copies = engine.optimizer, {}
     if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 bf16
-        copies = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+        copies = {id(low): high for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                  for low, high in zip(lows, highs)}
     state = engine.module.state_dict()
     for name, param in engine.module.named_parameters(remove_duplicate=False):  # the same order on every rank
         master = copies[id(param)] if id(param) in copies else safe_get_full_fp32_param(param)
         state[name] = param if master is None else master  # None: no optimizer copy (ZeRO-0 fp32)
-    return {name: (value.float() if value.is_floating_point() else value).detach().cpu() for name, value in state.items()}
+    return {name: (value.float() if value.is_floating_point() else value).detach().cpu()
+            for name, value in state.items()}
 
 
 def load_consolidated(path: str | Path) -> torch.nn.Module:
