@@ -163,6 +163,86 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
     return rows
 
 
+def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = None, data: str | Path | None = None,
+               workers: int | None = None, batches: int = 50, size: int = 512, count: int = 32, device: str = "cpu",
+               repeats: int = 1, warmup: int = 1, folder: Path | None = None) -> list[dict[str, Any]]:
+    """The training loader's crops/s and the dataset's start-up (scan) time, three ways: as before the
+    node cache (every crop decodes its images, no loader processes), cold (the first decode into an
+    empty cache, then crops read from disk: its pages dropped from memory) and warm (a cache hit, its
+    pages in memory); next to images/s of one training step of the model at the same batch. Data: the
+    spec's data.train (staged if remote), `data`, or `count` synthetic `size`-pixel PNG pairs. The
+    step: `bench_train`'s DeepSpeed step (`repeats` rounds after `warmup`)."""
+    import shutil
+    import tempfile
+
+    from orchestrator.spec import load_spec
+    from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule, local_dataset, loader_workers, training_loader
+    from workloads.synth import write_dataset
+    from workloads.tasks import get_task
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-data-"))
+    if spec is not None:
+        loaded = load_spec(spec)
+        config = loaded.config()
+        model, task = config["model"], get_task(loaded.task.name, sigma=loaded.task.sigma)
+        root = Path(data) if data else local_dataset(loaded.data.train, config)
+    else:
+        config, model, task = {"data": {}}, {"name": "restormer"}, get_task("deraining")
+        root = Path(data) if data else folder / "data" / "train"
+        if not data and not root.is_dir():
+            write_dataset(folder / "data", task, count=count + 1, size=size, val_fraction=1 / (count + 1))
+    workers = loader_workers(config) if workers is None else workers
+    target = torch.device(device)
+    cache = folder / "cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the cold start must decode
+
+    def start(cached: bool) -> tuple[PairedDataset, float]:
+        started = time.perf_counter()
+        dataset = PairedDataset(root, task, patch_size=patch, cache=cache if cached else None)
+        return dataset, time.perf_counter() - started
+
+    def crops_per_s(dataset: PairedDataset, processes: int) -> float:
+        """Crops/s from the loader's creation (its processes' start included) to the last batch on the device."""
+        sampler = PatchBatchSampler(len(dataset), PatchSchedule((patch,), (batch,), (1,)), total_iterations=batches)
+        started = time.perf_counter()
+        for item in training_loader(dataset, sampler, {"data": {"num_workers": processes}}, target):
+            for key in ("input", "target"):
+                item[key].to(target, non_blocking=True)
+        _synchronize(target)
+        return batches * batch / (time.perf_counter() - started)
+
+    rows = []
+    uncached, startup = start(cached=False)
+    rows.append({"model": "before: decode per crop", "workers": 0, "startup_s": startup, "crops_per_s": crops_per_s(uncached, 0)})
+    cold, startup = start(cached=True)
+    _drop_from_page_cache(cold.decoded.folder)
+    rows.append({"model": "cache cold: first decode", "workers": workers, "startup_s": startup,
+                 "crops_per_s": crops_per_s(cold, workers)})
+    warm, startup = start(cached=True)
+    for file in warm.decoded.folder.iterdir():
+        file.read_bytes()  # every page in memory
+    rows.append({"model": "cache warm: hit", "workers": workers, "startup_s": startup, "crops_per_s": crops_per_s(warm, workers)})
+    for row in rows:
+        row["x_before"] = row["crops_per_s"] / rows[0]["crops_per_s"]
+        row["startup_x_cold"] = row["startup_s"] / rows[1]["startup_s"]
+    (step,) = bench_train(patch=patch, batch=batch, device=device, repeats=repeats, warmup=warmup,
+                          variants={model["name"]: model})
+    rows.append({"model": f"train step: {model['name']}", "images_per_s": step["deepspeed_img_s"]})
+    return [{key: row.get(key) for key in ("model", "workers", "startup_s", "startup_x_cold", "crops_per_s", "x_before",
+                                            "images_per_s")} for row in rows]
+
+
+def _drop_from_page_cache(folder: Path) -> None:
+    """The files of `folder` written to disk and evicted from memory: the next reads come from the disk."""
+    for file in folder.iterdir():
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
 # A fixed amount of training per trial: a small Restormer on 32-pixel patches of a synthetic set.
 SWEEP_TRIAL_MODEL = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
                      "heads": [1, 1, 1, 1]}

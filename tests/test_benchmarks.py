@@ -6,13 +6,17 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
 from orchestrator.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
 from orchestrator.timeline import PHASES, TIMELINE_ENV, first_reached, mark
+from workloads.synth import write_dataset
+from workloads.tasks import get_task
 
 
 def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
@@ -71,3 +75,27 @@ def test_timeline_marks_nothing_unless_asked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mark("driver_validated")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_benchmark_compares_the_loader_before_the_cache_cold_and_warm(tmp_path):
+    write_dataset(tmp_path / "rain", get_task("deraining"), count=5, size=48)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tiny", "model": TINY_RESTORMER, "task": "deraining", "data": {
+        "train": str(tmp_path / "rain" / "train"), "val": str(tmp_path / "rain" / "val"), "patch_size": 32, "batch_size": 2}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [str(Path(sys.executable).parent / "restorch"), "bench", "data", "--spec", str(spec), "--patch", "32",
+               "--batch", "2", "--batches", "3", "--workers", "1", "--repeats", "1", "--warmup", "0",
+               "--folder", str(tmp_path / "bench"), "--tracking-uri", uri]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # DeepSpeed stays out of pytest
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cache warm: hit" in done.stdout and "train step: restormer" in done.stdout
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(BENCHMARK_EXPERIMENT).experiment_id])
+    metrics = run.data.metrics
+    for case in ("before: decode per crop", "cache cold: first decode", "cache warm: hit"):
+        assert metrics[f"{case}.crops_per_s"] > 0 and metrics[f"{case}.startup_s"] > 0
+        assert metrics[f"{case}.x_before"] == pytest.approx(metrics[f"{case}.crops_per_s"] /
+                                                            metrics["before: decode per crop.crops_per_s"])
+    assert metrics["cache warm: hit.workers"] == 1 and metrics["before: decode per crop.workers"] == 0
+    assert metrics["train step: restormer.images_per_s"] > 0
+    # the dataset was decoded into the benchmark's own cache, once
+    assert len([p for p in (tmp_path / "bench" / "cache" / "decoded").iterdir() if p.is_dir()]) == 1

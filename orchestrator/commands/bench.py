@@ -1,4 +1,4 @@
-"""`restorch bench models|train|sweep`: speed benchmarks, printed and logged to MLflow."""
+"""`restorch bench models|train|data|sweep`: speed benchmarks, printed and logged to MLflow."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,13 @@ def _bench(args: argparse.Namespace) -> int:
         settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
                     "warmup": args.warmup, "zero_stage": args.zero_stage, "peak_tflops": args.peak_tflops}
         rows = benchmarks.bench_train(**settings)
+    elif kind == "data":
+        from orchestrator.recipes import spec_file
+
+        settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
+                    "warmup": args.warmup, "spec": args.spec and str(spec_file(args.spec)), "data": args.data,
+                    "workers": args.workers, "batches": args.batches, "size": args.size, "count": args.count}
+        rows = benchmarks.bench_data(**settings, folder=args.folder)
     else:
         settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
         rows = benchmarks.bench_sweep(**settings, folder=args.folder)
@@ -56,6 +63,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     train.add_argument("--peak-tflops", type=float, help="device peak FLOP/s for MFU (known GPUs are detected)")
     train.set_defaults(handler=_bench)
+
+    data = common(commands.add_parser("data", help="training loader crops/s (before the node cache, cold, warm) and "
+                                      "start-up, next to a training step's images/s"), 1)
+    data.add_argument("--spec", metavar="SPEC|RECIPE", help="its model, task, data.train and loader settings (default: "
+                                                           "Restormer on synthetic PNGs)")
+    data.add_argument("--data", type=Path, help="a dataset folder (one split) to read instead")
+    data.add_argument("--patch", type=int, default=128)
+    data.add_argument("--batch", type=int, default=8)
+    data.add_argument("--workers", type=int, help="loader processes (default: as a training worker of the spec has)")
+    data.add_argument("--batches", type=int, default=50, help="batches timed for each loader")
+    data.add_argument("--size", type=int, default=512, help="synthetic images' size in pixels")
+    data.add_argument("--count", type=int, default=32, help="synthetic training pairs")
+    data.add_argument("--folder", type=Path, help="where the synthetic data and the cache go (default: a temp dir)")
+    data.set_defaults(handler=_bench)
 
     sweep = common(commands.add_parser("sweep", help="orchestration overhead: a sweep vs the same trainings in one process"), 1)
     sweep.add_argument("--trials", type=int, default=8)
