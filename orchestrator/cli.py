@@ -30,19 +30,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    console.verbose = getattr(args, "verbose", False)
     # Ray merges identical lines of concurrent trials ("[repeated 2x across cluster]"); the sweep's log keeps them all.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
-        return int(args.handler(args) or 0)
+        with console.command(quiet=not getattr(args, "verbose", False)):
+            return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Input problems (bad config, unknown name, missing file) are raised as ValueError /
         # FileNotFoundError with a message naming the problem and the fix: print it, no traceback.
-        console.release()
         print(f"restorch {args.command}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        console.release()
 
 
 if __name__ == "__main__":

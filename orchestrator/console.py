@@ -5,22 +5,25 @@ A sweep's driver process also prints Ray's and Tune's messages, the output of ev
 warnings. Once a sweep has validated its spec it calls `console.capture(log)`: from then on the
 process's file descriptors 1 and 2 write to `log`, so all of that goes there, whichever library
 writes it and however (Python, C, a forwarding thread); restorch's own lines, `console.print`, go to
-the terminal. `console.release()` (the CLI calls it when a command ends) first stops Ray, whose
-forwarding thread would otherwise print workers' late lines after the final table, then gives the
-terminal back. `--verbose` (`console.verbose`) leaves everything on the terminal.
+the terminal. This happens only inside `console.command(quiet=True)`, in which the CLI runs each
+command (`--verbose`: quiet=False); called from Python, a sweep leaves its process's output alone.
+When the command ends, `release` first stops Ray, whose forwarding thread would otherwise print
+workers' late lines after the final table, then gives the terminal back.
 """
 from __future__ import annotations
 
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
 
 class Console:
     def __init__(self) -> None:
-        self.verbose = False
+        self.quiet = False  # set by `command`: `capture` takes effect
         self.log: Path | None = None  # where the other output goes, while captured
         self._terminal: TextIO | None = None
         self._saved_fds: list[int] = []
@@ -28,9 +31,20 @@ class Console:
     def print(self, text: str = "") -> None:
         print(text, file=self._terminal or sys.stdout, flush=True)
 
+    @contextmanager
+    def command(self, *, quiet: bool) -> Iterator[None]:
+        """Run a CLI command; `quiet`: a sweep in it sends what is not restorch's to its log."""
+        self.quiet = quiet
+        try:
+            yield
+        finally:
+            self.release()
+            self.quiet = False
+
     def capture(self, log: Path) -> None:
-        """Send file descriptors 1 and 2 to `log` (appended); restorch's lines keep the terminal."""
-        if self.verbose or self._terminal is not None:
+        """In a quiet command, send file descriptors 1 and 2 to `log` (appended); restorch's lines keep
+        the terminal."""
+        if not self.quiet or self._terminal is not None:
             return
         log.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
@@ -68,7 +82,7 @@ def quiet_mlflow() -> None:
     """For the commands that read or register models (register, restore, evaluate): no artifact
     download bars, no MLflow INFO lines or UserWarnings, unless --verbose. Call before MLflow is
     imported (it reads its logging level then)."""
-    if console.verbose:
+    if not console.quiet:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

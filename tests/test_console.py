@@ -23,16 +23,15 @@ CAPTURE = """
 import os, subprocess, sys, warnings
 from pathlib import Path
 from orchestrator.console import console
-console.verbose = sys.argv[2] == "verbose"
-console.capture(Path(sys.argv[1]))
-print("python stdout")
-print("python stderr", file=sys.stderr)
-warnings.warn("a library warning")
-os.write(1, b"file descriptor 1\\n")
-subprocess.run(["echo", "a child process"], check=True)
-console.print("restorch line")
-console.release()
-print("after release")
+with console.command(quiet=sys.argv[2] == "quiet"):
+    console.capture(Path(sys.argv[1]))
+    print("python stdout")
+    print("python stderr", file=sys.stderr)
+    warnings.warn("a library warning")
+    os.write(1, b"file descriptor 1\\n")
+    subprocess.run(["echo", "a child process"], check=True)
+    console.print("restorch line")
+print("after the command")
 """
 
 
@@ -47,7 +46,7 @@ def test_capture_sends_everything_but_restorchs_lines_to_the_log(tmp_path: Path,
         assert all(line in result.stdout + result.stderr for line in others)
     else:
         assert result.stdout.splitlines() == [f"Ray, MLflow and worker output: {log} (--verbose prints it here)",
-                                              "restorch line", "after release"]
+                                              "restorch line", "after the command"]
         assert result.stderr == ""
         logged = log.read_text()
         assert all(line in logged for line in others) and "restorch line" not in logged
