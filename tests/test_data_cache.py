@@ -18,7 +18,8 @@ from PIL import Image
 
 from orchestrator.cli import main
 from orchestrator.spec import DataSpec, SpecError
-from servers import S3_ENV, moto_s3, s3_client
+from servers import S3_ENV
+from test_storage import BUCKET, s3, s3_endpoint  # noqa: F401 (moto's S3 and a bucket: fixtures shared with the storage tests)
 from workloads.data import (DatasetError, PairedDataset, PatchBatchSampler, PatchSchedule, Sample, load_datasets,
                             loader_workers, training_loader)
 from workloads.node_cache import locked
@@ -27,7 +28,6 @@ from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
 DERAIN = get_task("deraining")
-BUCKET = "restorch-data"
 
 
 def _rain(root: Path, count: int = 6, size: int = 40) -> Path:
@@ -174,26 +174,6 @@ def test_training_loader_batches_equal_the_uncached_serial_ones(tmp_path: Path) 
 
 # ------------------------------------------------------------------------------------------------
 # remote datasets
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    """moto's S3 with an empty bucket, the test credentials in the environment."""
-    for key, value in S3_ENV.items():
-        monkeypatch.setenv(key, value)
-    client = s3_client(s3_endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for item in page.get("Contents", []):
-            client.delete_object(Bucket=BUCKET, Key=item["Key"])
-    client.delete_bucket(Bucket=BUCKET)
 
 
 def upload(client, folder: Path, prefix: str) -> None:
