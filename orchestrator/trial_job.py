@@ -49,6 +49,10 @@ def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     client = MlflowClient(tracking["uri"])
     run_id = tracking["run_id"]
     sections = {key: config[key] for key in ("model", "task", "data", "train", "deepspeed", "resources")}
+    # data.digests maps dataset URIs to digests: a URI is no MLflow param name, so they make one param.
+    data = dict(sections["data"])
+    digests = data.pop("digests", None)
+    sections["data"] = {**data, **({"digests": " ".join(f"{uri}={d}" for uri, d in digests.items())} if digests else {})}
     sizes = size_metrics(config["model"])
     logged = client.get_run(run_id).data.params
     if not logged:  # the trial's first job run

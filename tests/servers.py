@@ -7,6 +7,7 @@ session and stopped by process group; anything left that names the server's fold
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shlex
 import shutil
@@ -108,16 +109,26 @@ def ray_env(root: Path) -> dict[str, str]:
     return env
 
 
+NODE_PORT_FLAGS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                   "--runtime-env-agent-port")  # every node's own (Ray's defaults are fixed numbers)
+
+
+def node_ports() -> list[str]:
+    """Free ports for a Ray node's agents, as `ray start` arguments."""
+    return [str(part) for flag in NODE_PORT_FLAGS for part in (flag, free_port())]
+
+
 @contextmanager
-def ray_head(root: Path, *, num_cpus: int = 2, timeout: float = 120) -> Iterator[str]:
+def ray_head(root: Path, *, num_cpus: int = 2, resources: dict[str, float] | None = None,
+             timeout: float = 120) -> Iterator[str]:
     """`ray start --head --block` with its own temp dir and ports (dashboard on 127.0.0.1); yields the
-    dashboard URL. `root` should be a short path: Ray puts unix sockets under it."""
-    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
-                                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                            "--metrics-export-port", "--runtime-env-agent-port")}
+    dashboard URL (the GCS address is in `root/ray/ray_current_cluster`). `root` should be a short path:
+    Ray puts unix sockets under it."""
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port")}
     command = [str(BIN / "ray"), "start", "--head", "--block", "--temp-dir", str(root / "ray"),
                "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus), "--disable-usage-stats"]
-    command += [str(part) for flag, port in ports.items() for part in (flag, port)]
+    command += [str(part) for flag, port in ports.items() for part in (flag, port)] + node_ports()
+    command += ["--resources", json.dumps(resources)] if resources else []
     url = f"http://127.0.0.1:{ports['--dashboard-port']}"
     log = root / "ray-head.log"
     with started(command, env=ray_env(root), log=log, marker=str(root / "ray")) as process:
