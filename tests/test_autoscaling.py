@@ -56,7 +56,7 @@ def test_published_node_types_round_trip_through_rays_gcs_and_size_the_check(cap
     from orchestrator.spec import parse_spec
 
     ray.shutdown()
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # a new Ray, not one running here
     try:
         assert [t.name for t in cluster_node_types()] == [ray.nodes()[0]["NodeManagerAddress"]]  # nothing published
         publish(aws_types(), ray.get_runtime_context().gcs_address)
