@@ -80,10 +80,10 @@ console = Console()
 
 def quiet_mlflow() -> None:
     """For the commands that read or register models (register, restore, evaluate): no artifact
-    download bars, no MLflow INFO lines or UserWarnings, unless --verbose. Call before MLflow is
+    download bars, no MLflow messages below errors, no UserWarnings, unless --verbose. Call before MLflow is
     imported (it reads its logging level then)."""
     if not console.quiet:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")

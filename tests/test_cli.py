@@ -1,5 +1,6 @@
-"""The CLI imports only the module of the command it runs; the command map must match what the
-modules register."""
+"""The CLI imports only the module of the command it runs, and no heavy library for --help; the
+command map matches what the modules register; every spec command takes a recipe's name; the README
+names every model and attention."""
 from __future__ import annotations
 
 import argparse
