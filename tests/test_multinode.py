@@ -1,6 +1,8 @@
 """A sweep on a 2-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: head + worker node,
 one CPU each): its trials train on both nodes, and when the worker node goes away mid-trial, that
-trial is retried on the head from its last checkpoint and the sweep completes."""
+trial is retried on the head from its last checkpoint and the sweep completes. Both nodes are this
+machine: the storage folder is declared shared; tracking goes to an MLflow server, as on any cluster
+(tests/test_unshared_nodes.py runs nodes that share no disk)."""
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_RESTORMER
 from orchestrator.sweep import TRIAL_RESOURCE
 from orchestrator.tracking import PARENT_TAG
-from servers import BIN, stop_process_group
+from servers import BIN, stop_process_group, tracking_server
 
 ITERATIONS = 30
 
@@ -47,40 +49,25 @@ def training_nodes() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_trials_use_both_nodes_and_survive_losing_the_worker_node(cluster, derain_data, tmp_path):
-    head_id = cluster.head_node.node_id
-    (worker,) = cluster.worker_nodes
     spec = {
         "name": "two-nodes", "model": TINY_RESTORMER, "task": "deraining",
         "data": {"train": str(derain_data / "train"), "val": str(derain_data / "val"), "patch_size": 32, "batch_size": 2},
         "train": {"iterations": ITERATIONS, "val_every": 2, "checkpoint_every": 2, "log_every": 2,
                   "lr": {"grid": [1.0e-3, 2.0e-3]}, "max_failures": 2},
         "search": {"algorithm": "grid", "max_concurrent_trials": 2},
-        "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "storage": {"path": str(tmp_path / "runs"), "shared": True},
     }
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     log = tmp_path / "sweep.log"
-    with open(log, "w") as out:
-        sweep = subprocess.Popen([str(BIN / "restorch"), "sweep", str(tmp_path / "spec.yaml"), "--address", cluster.address],
-                                 cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # Both trials train at once, one on each node, and each is past its second checkpoint (the first
-        # is then surely committed: a checkpoint written just before a node dies may not be): take the
-        # worker node away.
-        jobs = tmp_path / "runs" / "two-nodes" / "jobs"
-        deadline = time.monotonic() + 600
-        while not (set(training_nodes().values()) == {head_id, worker.node_id}
-                   and len(list(jobs.glob("*/checkpoint_0000004"))) == 2):
-            assert sweep.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the two trials never trained on both nodes at once"
-            time.sleep(1)
-        cluster.remove_node(worker)
-        assert sweep.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        stop_process_group(sweep)
-
-    client = MlflowClient(spec["tracking"]["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
+    with tracking_server(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), None) as url:
+        spec["tracking"] = {"uri": url}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        with open(log, "w") as out:
+            sweep = subprocess.Popen([str(BIN / "restorch"), "sweep", str(tmp_path / "spec.yaml"), "--address",
+                                      cluster.address], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        sweep_with_node_loss(sweep, cluster, tmp_path, log)
+        client = MlflowClient(url)
+        runs = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
     trials = [run for run in runs if PARENT_TAG in run.data.tags]
     assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
     assert all(run.data.metrics["iteration"] == ITERATIONS for run in trials)
@@ -88,3 +75,25 @@ def test_trials_use_both_nodes_and_survive_losing_the_worker_node(cluster, derai
     resumed = sorted(run.data.metrics["resumed_from"] for run in trials)
     assert resumed[0] == 0 and 2 <= resumed[1] < ITERATIONS
     assert Path(tmp_path / "runs" / "two-nodes" / "results.csv").exists()
+
+
+def sweep_with_node_loss(sweep: subprocess.Popen, cluster, tmp_path: Path, log: Path) -> None:
+    """Wait until both trials train at once, one on each node, each with a committed checkpoint (Ray Train
+    names it in the job's checkpoint_manager_snapshot.json once its controller took the report: a
+    checkpoint only written to storage is not yet one to resume from); take the worker node away; the
+    sweep must still succeed."""
+    head_id = cluster.head_node.node_id
+    (worker,) = cluster.worker_nodes
+    try:
+        jobs = tmp_path / "runs" / "two-nodes" / "jobs"
+        deadline = time.monotonic() + 600
+        while not (set(training_nodes().values()) == {head_id, worker.node_id}
+                   and sum("checkpoint_" in snapshot.read_text()
+                           for snapshot in jobs.glob("*/checkpoint_manager_snapshot.json")) == 2):
+            assert sweep.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the two trials never trained on both nodes at once"
+            time.sleep(1)
+        cluster.remove_node(worker)
+        assert sweep.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process_group(sweep)
