@@ -16,7 +16,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config
 
 from conftest import TINY_RESTORMER
-from orchestrator.autoscaler import NodeType, kuberay_node_types, launcher_node_types, plan_job, publish
+from orchestrator.autoscaler import NodeType, kuberay_node_types, launcher_node_types, main, plan_job, publish
 from orchestrator.spec import SpecError
 from servers import BIN, stop_process_group
 
@@ -59,7 +59,10 @@ def test_published_node_types_round_trip_through_rays_gcs_and_size_the_check(cap
     ray.init(address="local", num_cpus=1, include_dashboard=False)  # a new Ray, not one running here
     try:
         assert [t.name for t in cluster_node_types()] == [ray.nodes()[0]["NodeManagerAddress"]]  # nothing published
-        publish(aws_types(), ray.get_runtime_context().gcs_address)
+        gcs = ray.get_runtime_context().gcs_address
+        main([str(CLUSTERS / "kuberay.yaml"), "--address", gcs])  # what the KubeRay head runs, from the manifest
+        assert cluster_node_types() == kuberay_types()
+        publish(aws_types(), gcs)  # what the aws-gpu.yaml head runs, from its launcher config
         assert cluster_node_types() == aws_types()
         raw = {"name": "gpu", "model": TINY_RESTORMER, "task": "deraining", "data": {"train": "/d/train", "val": "/d/val"},
                "resources": {"num_workers": 2, "use_gpu": True, "cpus_per_worker": 4}}
