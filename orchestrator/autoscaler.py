@@ -119,10 +119,11 @@ def launcher_node_types(config: dict[str, Any]) -> list[NodeType]:
 
 def kuberay_node_types(manifest: dict[str, Any]) -> list[NodeType]:
     """The node types of a KubeRay `RayCluster` manifest, converted as Ray's KubeRay autoscaler does."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import _generate_available_node_types_from_ray_cr_spec
+    from ray.autoscaler._private.kuberay.autoscaling_config import (_HEAD_GROUP_NAME,
+                                                                    _generate_available_node_types_from_ray_cr_spec)
 
     return launcher_node_types({"available_node_types": _generate_available_node_types_from_ray_cr_spec(manifest["spec"]),
-                                "head_node_type": "headgroup"})
+                                "head_node_type": _HEAD_GROUP_NAME})
 
 
 def cluster_config(node_types: list[NodeType]) -> Any:
