@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,9 +41,9 @@ class Console:
             self.release()
             self.quiet = False
 
-    def capture(self, log: Path) -> None:
+    def capture(self, log: Path, source: str = "Ray, MLflow and worker output") -> None:
         """In a quiet command, send file descriptors 1 and 2 to `log` (appended); restorch's lines keep
-        the terminal."""
+        the terminal. Says once where `source` goes."""
         if not self.quiet or self._terminal is not None:
             return
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ class Console:
         os.dup2(log_fd, 2)
         os.close(log_fd)
         self.log = log
-        self.print(f"Ray, MLflow and worker output: {log} (--verbose prints it here)")
+        self.print(f"{source}: {log} (--verbose prints it here)")
 
     def release(self) -> None:
         """Stop Ray (its log-forwarding thread), then give file descriptors 1 and 2 back."""
@@ -78,12 +78,17 @@ class Console:
 console = Console()
 
 
-def quiet_mlflow() -> None:
-    """For the commands that read or register models (register, restore, evaluate): no artifact
-    download bars, no MLflow messages below errors, no UserWarnings, unless --verbose. Call before MLflow is
-    imported (it reads its logging level then)."""
+@contextmanager
+def quiet_mlflow(command: str) -> Iterator[None]:
+    """Around the MLflow calls of the commands that load or register models (register, restore,
+    evaluate), in a quiet command: what MLflow prints (its messages, UserWarnings) goes to
+    {temp}/restorch/COMMAND.log, and it draws no artifact download bars."""
     if not console.quiet:
+        yield
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
+    console.capture(Path(tempfile.gettempdir()) / "restorch" / f"{command}.log", source="MLflow's output")
+    try:
+        yield
+    finally:
+        console.release()

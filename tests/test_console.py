@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,7 +107,9 @@ def test_one_line_causes() -> None:
 def test_a_sweeps_console_holds_restorchs_lines_only(tmp_path: Path, derain_data: Path) -> None:
     """`restorch sweep` of two trials, one of which fails in its worker (patches larger than the
     48-pixel images): the console shows restorch's lines only, each trial's reports and end, the
-    failure's cause and the log, and ends with the results table; Ray's lines are in the log."""
+    failure's cause and the log, and ends with the results table; Ray's lines are in the log. Then
+    registering, restoring with and evaluating the best trial print restorch's lines, MLflow's
+    messages, warnings and download bars going to a log."""
     spec = {
         "name": "console",
         "model": {**TINY_RESTORMER, "attention": "glmha"},
@@ -120,9 +123,13 @@ def test_a_sweeps_console_holds_restorchs_lines_only(tmp_path: Path, derain_data
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     (tmp_path / "console.yaml").write_text(yaml.safe_dump(spec))
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    result = subprocess.run([str(Path(sys.executable).parent / "restorch"), "sweep", "console.yaml"], cwd=tmp_path,
-                            env=environment, capture_output=True, text=True, timeout=900)
+    environment = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+    def restorch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).parent / "restorch"), *args], cwd=tmp_path, env=environment,
+                              capture_output=True, text=True, timeout=900)
+
+    result = restorch("sweep", "console.yaml")
     lines = result.stdout.splitlines()
     assert result.returncode == 1 and result.stderr == "", result.stdout + result.stderr
     log = tmp_path / "runs" / "console" / "sweep.log"
@@ -140,3 +147,19 @@ def test_a_sweeps_console_holds_restorchs_lines_only(tmp_path: Path, derain_data
     assert lines[-1].startswith("MLflow: mlflow ui") and lines[-2].startswith("results: ")  # nothing after the table
     logged = log.read_text()
     assert "Reporting training result" in logged and "[restorch] iter 4/4" in logged
+
+    store = ["--tracking-uri", spec["tracking"]["uri"]]
+    photo = next((derain_data / "val" / "input").iterdir())
+    outputs = [restorch("register", "console", "--name", "console-model", *store),
+               restorch("restore", "--model", "models:/console-model/1", "--input", str(photo), "--output", "out.png",
+                        *store),
+               restorch("evaluate", "--model", "models:/console-model/1", "--data", str(derain_data / "val"),
+                        "--task", "deraining", *store)]
+    assert [output.returncode for output in outputs] == [0, 0, 0] and [output.stderr for output in outputs] == [""] * 3
+    printed = [output.stdout.splitlines() for output in outputs]
+    mlflow_logs = [Path(tempfile.gettempdir()) / "restorch" / f"{command}.log" for command in ("register", "restore", "evaluate")]
+    assert [lines[0] for lines in printed] == [f"MLflow's output: {log} (--verbose prints it here)" for log in mlflow_logs]
+    assert re.fullmatch(r"registered console-model v1 from run \w+: models:/console-model/1", printed[0][1])
+    assert printed[1][1:] == ["restored 1 image(s) with console-model v1 -> out.png"]
+    assert printed[2][1].split() == ["image", "psnr", "ssim"] and printed[2][-1].startswith("logged to MLflow run ")
+    assert "Successfully registered model 'console-model'" in mlflow_logs[0].read_text()

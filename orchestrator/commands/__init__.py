@@ -14,7 +14,7 @@ COMMANDS = {
 }
 SPEC_HELP = "experiment spec (YAML), or a recipe's name (`restorch recipes` lists them)"
 VERBOSE_HELP = "also print what Ray, MLflow and the workers print (else in the log whose path is printed)"
-QUIET_MLFLOW_HELP = "also print MLflow's messages, warnings and download progress"
+QUIET_MLFLOW_HELP = "also print what MLflow prints (else in a log whose path is printed)"
 
 
 def command_modules(command: str | None = None) -> list[ModuleType]:

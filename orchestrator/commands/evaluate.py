@@ -64,10 +64,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.model:
         if not args.data or args.pred or args.target:
             raise ValueError("--model takes --data DIR (a dataset folder), not --pred/--target")
-        quiet_mlflow()
         from orchestrator.registry import evaluate_version
 
-        result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)
+        with quiet_mlflow("evaluate"):
+            result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)
         print(format_result(result))
         print(f"logged to MLflow run {run_id} (linked to {result['model']})")
     elif args.pred and args.target:

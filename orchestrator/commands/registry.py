@@ -26,10 +26,10 @@ def _aliases_of(client: MlflowClient, name: str) -> dict[str, list[str]]:
 
 
 def _register(args: argparse.Namespace) -> int:
-    quiet_mlflow()
     from orchestrator import registry
 
-    version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
+    with quiet_mlflow("register"):
+        version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
     print(f"registered {version.name} v{version.version} from run {version.run_id}: models:/{version.name}/{version.version}")
     return 0
 
@@ -87,12 +87,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    quiet_mlflow()
     from orchestrator import registry
-
     from workloads.inference import restore_files
 
-    network, version = registry.load_network(args.model, args.tracking_uri)
+    with quiet_mlflow("restore"):
+        network, version = registry.load_network(args.model, args.tracking_uri)
     pairs = restore_files(network, args.input, args.output, tile=args.tile, overlap=args.overlap,
                           self_ensemble=args.self_ensemble)
     print(f"restored {len(pairs)} image(s) with {version.name} v{version.version} -> {args.output}")
