@@ -1,7 +1,8 @@
 """A sweep's progress on the console (orchestrator/console.py), from a Tune callback in the driver:
 a line when a trial starts, one line per trial report (iteration, loss, the task's metrics, images/s,
 the trial's ETA), a line when a trial ends (finished, stopped early by the scheduler, or failed: its
-one-line cause and where the traceback is), and then the table of the sweep's trials."""
+one-line cause and where the traceback is), and then the table of the sweep's trials. (A trial stops
+early by the scheduler's decision, e.g. ASHA's, or at the sweep's time budget.)"""
 from __future__ import annotations
 
 import math
@@ -58,10 +59,10 @@ class SweepProgress(Callback):
     The table follows a trial's end at most every `table_interval_s`, and not after the last one
     (the results table follows)."""
 
-    def __init__(self, searched: list[str], metrics: list[str], *, trials: int, iterations: int, scheduler: str,
+    def __init__(self, searched: list[str], metrics: list[str], *, trials: int, iterations: int,
                  table_interval_s: float = 30.0) -> None:
         self.searched, self.metrics = searched, metrics
-        self.trials, self.iterations, self.scheduler = trials, iterations, scheduler
+        self.trials, self.iterations = trials, iterations
         self.table_interval_s = table_interval_s
         self.columns = ["trial", "status", *searched, "iteration", "loss", *metrics, "images_per_s"]
         self._last_report: dict[str, tuple[float, int]] = {}  # trial id -> (time_total_s, iteration)
@@ -81,8 +82,7 @@ class SweepProgress(Callback):
         if done >= self.iterations:
             console.print(f"trial {trial.trial_id} finished: {scores}")
         else:
-            console.print(f"trial {trial.trial_id} stopped by the {self.scheduler} scheduler at iteration "
-                          f"{done}/{self.iterations}: {scores}")
+            console.print(f"trial {trial.trial_id} stopped early at iteration {done}/{self.iterations}: {scores}")
         self._table(trials, trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

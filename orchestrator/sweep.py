@@ -246,7 +246,7 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
         callbacks=[TrialStatusCallback(tracking),
                    SweepProgress(spec.searched_keys(), task_metrics, trials=spec.trial_count(),
-                                 iterations=spec.train.iterations, scheduler=search.scheduler)],
+                                 iterations=spec.train.iterations)],
     )
     param_space = {domain.key: tune_domain(domain) for domain in spec.search_space}
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

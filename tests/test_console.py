@@ -59,7 +59,7 @@ def _trial(number: int, status: str, last: dict | None = None, pickled_error_fil
 
 
 def test_progress_lines_state_changes_and_table(capsys: pytest.CaptureFixture) -> None:
-    progress = SweepProgress(["model.glmha.alpha"], ["psnr", "ssim"], trials=9, iterations=40, scheduler="asha")
+    progress = SweepProgress(["model.glmha.alpha"], ["psnr", "ssim"], trials=9, iterations=40)
     first, second = _trial(0, "RUNNING"), _trial(1, "RUNNING")
     progress.on_trial_start(0, [first], first)
     report = {"iteration": 10, "loss": 0.04134, "psnr": 25.7213, "ssim": 0.75012, "images_per_s": 16.38,
@@ -73,7 +73,7 @@ def test_progress_lines_state_changes_and_table(capsys: pytest.CaptureFixture) -
         "trial abc_00000 started: model.glmha.alpha=0.4",
         "trial abc_00000 iter 10/40 loss 0.0413 psnr 25.72 ssim 0.7501 16.4 img/s",
         "trial abc_00000 iter 20/40 loss 0.0413 psnr 25.72 ssim 0.7501 16.4 img/s eta 10s",  # 0.5 s per iteration
-        "trial abc_00000 stopped by the asha scheduler at iteration 20/40: psnr 25.72 ssim 0.7501",
+        "trial abc_00000 stopped early at iteration 20/40: psnr 25.72 ssim 0.7501",
     ]
     # the sweep's known trial count, not the trials Tune has created so far
     assert "== sweep progress: 1/9 trials ended, 1 running, 7 to run ==" in lines
@@ -90,7 +90,7 @@ def test_a_failed_trial_shows_its_cause_and_the_log(tmp_path: Path, capsys: pyte
     wrapped = RayTaskError("run_trial", "Traceback ...", WorkerGroupError("[Rank 0 Error Snippet] ...", {0: problems}))
     (tmp_path / "error.pkl").write_bytes(cloudpickle.dumps(wrapped.as_instanceof_cause()))
     monkeypatch.setattr(console, "log", Path("/runs/nine/sweep.log"))
-    progress = SweepProgress([], ["psnr"], trials=2, iterations=40, scheduler="fifo")
+    progress = SweepProgress([], ["psnr"], trials=2, iterations=40)
     failed = _trial(0, "ERROR", pickled_error_file=str(tmp_path / "error.pkl"))
     progress.on_trial_error(0, [failed], failed)
     assert capsys.readouterr().out.splitlines()[0] == (
