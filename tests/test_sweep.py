@@ -212,17 +212,17 @@ def _child_progress(client: MlflowClient) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.timeout(2400)
-def test_resume_after_the_driver_is_killed(ray_address, derain_data, workdir):
+def test_resume_after_the_driver_is_killed(ray_address, derain_data, workdir, mlflow_server):
     """The sweep driver (`restorch sweep` on the running cluster) is SIGKILLed once a trial has
     finished and another is training; `restorch sweep --resume` completes the sweep: each trial
     once in the results and in MLflow, finished trials not re-run, interrupted ones resumed from
-    their last checkpoint."""
-    raw = tiny_spec("resume", derain_data, {"model.glmha.alpha": {"grid": [0.3, 0.5, 0.7]}}, train={"iterations": 30})
+    their last checkpoint. (On a cluster: storage a folder the nodes share, tracking on a server.)"""
+    raw = tiny_spec("resume", derain_data, {"model.glmha.alpha": {"grid": [0.3, 0.5, 0.7]}}, train={"iterations": 30},
+                    storage={"path": str(workdir / "restorch_runs"), "shared": True}, tracking={"uri": mlflow_server})
     spec_file = workdir / "resume.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    database = workdir / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{database}")  # creates the store: polling it below never races its set-up
+    client = MlflowClient(mlflow_server)
     log = open(workdir / "driver.log", "w")
     driver = subprocess.Popen([RESTORCH, "sweep", str(spec_file)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
