@@ -164,7 +164,7 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
 
 
 def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = None, data: str | Path | None = None,
-               workers: int | None = None, batches: int = 50, size: int = 512, count: int = 32, device: str = "cpu",
+               workers: int | None = None, batches: int = 200, size: int = 512, count: int = 32, device: str = "cpu",
                repeats: int = 1, warmup: int = 1, folder: Path | None = None) -> list[dict[str, Any]]:
     """The training loader's crops/s and the dataset's start-up (scan) time, three ways: as before the
     node cache (every crop decodes its images, no loader processes), cold (the first decode into an

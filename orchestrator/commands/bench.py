@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--patch", type=int, default=128)
     data.add_argument("--batch", type=int, default=8)
     data.add_argument("--workers", type=int, help="loader processes (default: as a training worker of the spec has)")
-    data.add_argument("--batches", type=int, default=50, help="batches timed for each loader")
+    data.add_argument("--batches", type=int, default=200, help="batches timed for each loader (its start included)")
     data.add_argument("--size", type=int, default=512, help="synthetic images' size in pixels")
     data.add_argument("--count", type=int, default=32, help="synthetic training pairs")
     data.add_argument("--folder", type=Path, help="where the synthetic data and the cache go (default: a temp dir)")
