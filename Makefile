@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v g++ >/dev/null || (echo "g++ is required (DeepSpeed compiles a CPU op): apt-get install g++" && exit 1)
@@ -21,20 +21,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/restorch demo
 
-# Both fail at once, before any test runs, when a program the tests need from Debian is missing
-# (.ci/run installs them). `make test` skips the tests marked `slow` (multi-minute Ray/MLflow/S3/
-# PostgreSQL end-to-end runs); `make test-all`, CI's command, runs them too, and fails if any test
-# other than a GPU test skips.
-NEEDS_CHROMIUM = @command -v chromium >/dev/null || (echo "the HTML report test needs Debian's chromium: apt-get install -y chromium" && exit 1)
-NEEDS_POSTGRES = @(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb) >/dev/null 2>&1 || (echo "the shared-tracking tests need PostgreSQL: apt-get install -y postgresql" && exit 1)
+# The programs the tests need from Debian (g++ for DeepSpeed's CPU op, Chromium for the HTML report
+# test, PostgreSQL for the shared-tracking tests): installed when missing (as root, like CI), else
+# named with the command that installs them, before any test runs.
+system-deps:
+	@missing=""; command -v g++ >/dev/null || missing="$$missing g++"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing from Debian:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "the tests need:$$missing (sudo apt-get install -y$$missing)"; exit 1; fi; fi
 
-test: $(STAMP)
-	$(NEEDS_CHROMIUM)
+# `make test` skips the tests marked `slow` (multi-minute Ray/MLflow/S3/PostgreSQL end-to-end runs);
+# `make test-all`, CI's command, runs them too, and fails if any test other than a GPU test skips.
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
-test-all: $(STAMP)
-	$(NEEDS_CHROMIUM)
-	$(NEEDS_POSTGRES)
+test-all: system-deps $(STAMP)
 	$(BIN)/python -m pytest tests --no-skips --durations=30
 
 clean:

@@ -165,13 +165,16 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
 
 def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = None, data: str | Path | None = None,
                workers: int | None = None, batches: int = 200, size: int = 512, count: int = 32, device: str = "cpu",
-               repeats: int = 1, warmup: int = 1, folder: Path | None = None) -> list[dict[str, Any]]:
+               repeats: int = 1, warmup: int = 1, step_batch: int | None = None,
+               folder: Path | None = None) -> list[dict[str, Any]]:
     """The training loader's crops/s and the dataset's start-up (scan) time, three ways: as before the
     node cache (every crop decodes its images, no loader processes), cold (the first decode into an
     empty cache, then crops read from disk: its pages dropped from memory) and warm (a cache hit, its
     pages in memory); next to images/s of one training step of the model at the same batch. Data: the
     spec's data.train (staged if remote), `data`, or `count` synthetic `size`-pixel PNG pairs. The
-    step: `bench_train`'s DeepSpeed step (`repeats` rounds after `warmup`)."""
+    step: `bench_train`'s DeepSpeed step (`repeats` rounds after `warmup`) at `step_batch` images, by
+    default the loader's batch on a GPU and 1 on the CPU (a full Restormer's fwd+bwd of 8 crops of 128
+    pixels needs about 20 GB of host memory)."""
     import shutil
     import tempfile
 
@@ -225,9 +228,10 @@ def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = No
     for row in rows:
         row["x_before"] = row["crops_per_s"] / rows[0]["crops_per_s"]
         row["startup_x_cold"] = row["startup_s"] / rows[1]["startup_s"]
-    (step,) = bench_train(patch=patch, batch=batch, device=device, repeats=repeats, warmup=warmup,
+    step_batch = step_batch or (batch if target.type == "cuda" else 1)
+    (step,) = bench_train(patch=patch, batch=step_batch, device=device, repeats=repeats, warmup=warmup,
                           variants={model["name"]: model})
-    rows.append({"model": f"train step: {model['name']}", "images_per_s": step["deepspeed_img_s"]})
+    rows.append({"model": f"train step: {model['name']} at batch {step_batch}", "images_per_s": step["deepspeed_img_s"]})
     return [{key: row.get(key) for key in ("model", "workers", "startup_s", "startup_x_cold", "crops_per_s", "x_before",
                                             "images_per_s")} for row in rows]
 

@@ -43,7 +43,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     skipped = config.stash.get(NOT_ALLOWED_SKIPS, [])
     if skipped:
         terminalreporter.write_line(f"--no-skips: {len(skipped)} test(s) skipped; install what they need "
-                                    "(.ci/run does):", red=True)
+                                    "(make test-all does as root):", red=True)
         for line in skipped:
             terminalreporter.write_line(f"  {line}", red=True)
 

@@ -168,7 +168,7 @@ def postgres_bin(program: str) -> str:
     """A PostgreSQL server program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin."""
     found = shutil.which(program) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))[-1:]), None)
     if found is None:
-        raise RuntimeError(f"PostgreSQL's {program} is not installed: apt-get install -y postgresql (.ci/run does)")
+        raise RuntimeError(f"PostgreSQL's {program} is not installed: apt-get install -y postgresql (make test and make test-all do as root)")
     return found
 
 

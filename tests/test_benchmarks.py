@@ -96,6 +96,6 @@ def test_data_benchmark_compares_the_loader_before_the_cache_cold_and_warm(tmp_p
         assert metrics[f"{case}.x_before"] == pytest.approx(metrics[f"{case}.crops_per_s"] /
                                                             metrics["before: decode per crop.crops_per_s"])
     assert metrics["cache warm: hit.workers"] == 1 and metrics["before: decode per crop.workers"] == 0
-    assert metrics["train step: restormer.images_per_s"] > 0
+    assert metrics["train step: restormer at batch 1.images_per_s"] > 0  # 1 image per step on the CPU by default
     # the dataset was decoded into the benchmark's own cache, once
     assert len([p for p in (tmp_path / "bench" / "cache" / "decoded").iterdir() if p.is_dir()]) == 1

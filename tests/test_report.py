@@ -77,7 +77,7 @@ def open_in_chromium(page: Path, tmp_path: Path) -> dict[str, str]:
     """Load the page in headless Chromium with a probe script added; returns what the probe found:
     `images` ("ok"/"broken" per <img>) and `errors` (script or resource errors)."""
     chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
+    assert chromium, "Debian's chromium is not installed: apt-get install -y chromium (make test installs it as root)"
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("<head>", f"<head>{PROBE}", 1))
     # No network here: without the background-networking flags Chromium keeps trying Google's hosts.

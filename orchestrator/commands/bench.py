@@ -26,7 +26,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
                     "warmup": args.warmup, "spec": args.spec and str(spec_file(args.spec)), "data": args.data,
-                    "workers": args.workers, "batches": args.batches, "size": args.size, "count": args.count}
+                    "workers": args.workers, "batches": args.batches, "size": args.size, "count": args.count,
+                    "step_batch": args.step_batch}
         rows = benchmarks.bench_data(**settings, folder=args.folder)
     else:
         settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
@@ -71,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--data", type=Path, help="a dataset folder (one split) to read instead")
     data.add_argument("--patch", type=int, default=128)
     data.add_argument("--batch", type=int, default=8)
+    data.add_argument("--step-batch", type=int, help="images per training step (default: --batch on cuda, 1 on cpu)")
     data.add_argument("--workers", type=int, help="loader processes (default: as a training worker of the spec has)")
     data.add_argument("--batches", type=int, default=200, help="batches timed for each loader (its start included)")
     data.add_argument("--size", type=int, default=512, help="synthetic images' size in pixels")
