@@ -27,6 +27,7 @@ class Console:
         self.log: Path | None = None  # where the other output goes, while captured
         self._terminal: TextIO | None = None
         self._saved_fds: list[int] = []
+        self._ray_was_up = False  # Ray was connected before the capture: not this command's to stop
 
     def print(self, text: str = "") -> None:
         print(text, file=self._terminal or sys.stdout, flush=True)
@@ -49,6 +50,7 @@ class Console:
         log.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
+        self._ray_was_up = _ray_connected()
         self._saved_fds = [os.dup(1), os.dup(2)]
         self._terminal = os.fdopen(os.dup(1), "w")
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -59,10 +61,11 @@ class Console:
         self.print(f"{source}: {log} (--verbose prints it here)")
 
     def release(self) -> None:
-        """Stop Ray (its log-forwarding thread), then give file descriptors 1 and 2 back."""
+        """Stop the Ray this command connected to (its log-forwarding thread), then give file descriptors
+        1 and 2 back. A Ray connected before the capture (a caller's, e.g. a test's) stays up."""
         if self._terminal is None:
             return
-        if "ray" in sys.modules:
+        if _ray_connected() and not self._ray_was_up:
             import ray
 
             ray.shutdown()
@@ -73,6 +76,14 @@ class Console:
             os.close(saved)
         self._terminal.close()
         self._terminal, self._saved_fds, self.log = None, [], None
+
+
+def _ray_connected() -> bool:
+    if "ray" not in sys.modules:  # never imported: not connected, and no need to import it to say so
+        return False
+    import ray
+
+    return ray.is_initialized()
 
 
 console = Console()

@@ -53,6 +53,33 @@ def test_capture_sends_everything_but_restorchs_lines_to_the_log(tmp_path: Path,
         assert all(line in logged for line in others) and "restorch line" not in logged
 
 
+RAY_OWNERS = """
+import sys
+from pathlib import Path
+import ray
+from orchestrator.console import console
+ray.init(num_cpus=1, include_dashboard=False)  # the caller's Ray, e.g. a test module's
+with console.command(quiet=True):  # a command run in that process, e.g. main(["register", ...])
+    console.capture(Path(sys.argv[1]))
+print("caller's Ray after the command:", ray.is_initialized())
+with console.command(quiet=True):  # a command that connects to Ray itself, as a sweep does
+    ray.shutdown()
+    console.capture(Path(sys.argv[1]))
+    ray.init(num_cpus=1, include_dashboard=False)
+print("command's Ray after the command:", ray.is_initialized())
+"""
+
+
+def test_a_command_stops_only_the_ray_it_connected_to(tmp_path: Path) -> None:
+    """A quiet command stops its own Ray at the end (its log thread would print after the final table),
+    never one its caller had connected before (a test module's Ray, which later tests use)."""
+    result = subprocess.run([sys.executable, "-c", RAY_OWNERS, str(tmp_path / "command.log")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "caller's Ray after the command: True" in result.stdout
+    assert "command's Ray after the command: False" in result.stdout
+
+
 def _trial(number: int, status: str, last: dict | None = None, pickled_error_file: str | None = None) -> SimpleNamespace:
     return SimpleNamespace(trial_id=f"abc_{number:05d}", status=status, config={"model.glmha.alpha": 0.4},
                            last_result=last or {}, pickled_error_file=pickled_error_file, error_file=None)

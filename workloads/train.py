@@ -16,8 +16,8 @@ reported to Ray Train; the final one also holds `model.pt`, the consolidated fp3
 """
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 import random
 import resource
 import socket
