@@ -8,8 +8,11 @@ the training. Aliases (`champion`, ...) replace MLflow's deprecated stages.
 """
 from __future__ import annotations
 
+import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,32 @@ class ModelReference:
     def uri(self) -> str:
         suffix = f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else ""
         return f"models:/{self.name}{suffix}"
+
+
+FLUENT_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, register_model, load_model) reads process-wide URIs,
+    and setting them also sets $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI. Set them for the block only:
+    a long-lived process (the service, a notebook, a test session) would otherwise keep sending its
+    later runs and registry calls to this store, and every MlflowClient without a registry URI with them."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in FLUENT_URI_ENV}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def client_for(uri: str | None = None) -> MlflowClient:
@@ -243,9 +272,7 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
         out_channels = int(model_config.get("out_channels", in_channels))
         if spec is not None:
             client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), "registry/train_spec.yaml")
-        mlflow.set_tracking_uri(resolved)
-        mlflow.set_registry_uri(resolved)
-        with mlflow.start_run(run_id=run_id):
+        with fluent_store(resolved), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="registered_model",
                 python_model=RestorationModel(),
@@ -253,7 +280,8 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
                 signature=image_signature(in_channels, out_channels),
                 pip_requirements=VERSION_PIP_REQUIREMENTS,
             )
-    version = mlflow.register_model(info.model_uri, name, tags={**tags, SOURCE_RUN_TAG: run_id})
+    with fluent_store(resolved):
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, SOURCE_RUN_TAG: run_id})
     reproduce = ("mlflow artifacts download -r {run} -a registry/train_spec.yaml -d . && "
                  "restorch train registry/train_spec.yaml").format(run=run_id) if spec else f"see run {run_id}"
     card = model_card(name, version.version, tags, run, reproduce)
@@ -310,9 +338,8 @@ def load_network(reference: str, uri: str | None = None) -> tuple[Any, ModelVers
 
     resolved = resolve_uri(uri)
     version = get_version(client_for(resolved), ModelReference.parse(reference))
-    mlflow.set_registry_uri(resolved)
-    mlflow.set_tracking_uri(resolved)
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    with fluent_store(resolved):
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
     return model.unwrap_python_model().network, version
 
 

@@ -1,6 +1,7 @@
 """The model registry: registering runs, aliases, errors, loading and restoring with a version."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,21 @@ def test_register_is_idempotent_and_tags_lineage(store, tmp_path):
     assert version.tags["run_id"] == run_id and version.tags["task"] == "deraining"
     assert version.tags["val.psnr"] == "30.5000" and version.tags["conv_gmacs"] == "1.250"
     assert "# derain v1" in version.description and "restorch restore --model models:/derain/1" in version.description
+
+
+def test_register_and_load_leave_the_process_mlflow_uris_alone(store, tmp_path, monkeypatch):
+    """register/load set MLflow's process-wide URIs only while they run: afterwards a client of another
+    store reaches that store's registry, not this one's (as in a long-lived service or a test session)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    run_id, _ = finished_run(store, tmp_path)
+    registry.register(run_id, "derain", uri=store)
+    registry.load_network("derain/1", store)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(other).create_registered_model("elsewhere")
+    assert [model.name for model in MlflowClient(other).search_registered_models()] == ["elsewhere"]
+    assert [model.name for model in MlflowClient(store).search_registered_models()] == ["derain"]
 
 
 def test_register_refuses_runs_without_model_or_metrics(store, tmp_path):
