@@ -14,13 +14,13 @@ found while holding it belongs to a dead build and is removed.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import sys
 from pathlib import Path
+
+from workloads.node_cache import locked
 
 SHM_OP = "deepspeed_shm_comm"
 log = logging.getLogger(__name__)
@@ -32,18 +32,6 @@ def extensions_dir() -> Path:
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
     environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "restorch" / "torch_extensions" / environment
-
-
-@contextlib.contextmanager
-def build_lock(root: Path):
-    """Exclusive across processes while held; released by the kernel if the holder is killed."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".restorch-build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def prepare_cpu_comm_op() -> Path | None:
@@ -60,7 +48,7 @@ def prepare_cpu_comm_op() -> Path | None:
     root = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
 
-    with build_lock(root):
+    with locked(root / ".restorch-build.lock"):  # released by the kernel if its holder is killed
         stale = root / SHM_OP / "lock"
         if stale.exists():
             log.warning("removing %s left by a DeepSpeed op build that was killed", stale)
