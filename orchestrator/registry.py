@@ -1,15 +1,18 @@
 """The MLflow Model Registry: register a sweep's best trial (or a run), aliases, model cards.
 
-A registered version is an MLflow pyfunc model (workloads/pyfunc.py) logged into the trial's own
-run, so its lineage is the run: tags carry the task, the metric protocol, the validation metrics,
-params and conv GMACs, training images/s, the sweep/trial/run ids and the git commit; the version's
-description is its model card (also an artifact), which ends with the command that reproduces
-the training. Aliases (`champion`, ...) replace MLflow's deprecated stages.
+A registered version is an MLflow pyfunc model (workloads/pyfunc.py) logged into the trial's (or the
+`restorch train` job's) own run, so its lineage is the run: tags carry the task, the metric protocol and
+its version, the validation data and metrics, params and conv GMACs, training images/s, the
+sweep/trial/run ids and the git commit; the version's description is its model card (also an artifact):
+those, the model's full options, its evaluations (`restorch evaluate --model`) and the command that
+reproduces the training. Aliases (`champion`, ...) replace MLflow's deprecated stages. The MLflow names
+read here are the ones the runs are written with (orchestrator/mlflow_keys.py).
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,11 +26,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import PARENT_TAG, TRIAL_TAG, resolve_uri
+from orchestrator.mlflow_keys import (CONV_GMACS, DATA_TAG, GIT_COMMIT_TAG, IMAGES_PER_S, JOB_TAG, MODEL_ARTIFACT,
+                                      MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG,
+                                      PARAMS_M, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SPEC_ARTIFACT,
+                                      SOURCE_RUN_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
+from orchestrator.tracking import experiment_id, resolve_uri
 
-MODEL_ARTIFACT = "model/model.pt"
+TRAIN_SPEC_ARTIFACT = "registry/train_spec.yaml"
 EVALUATION_EXPERIMENT = "restorch-evaluations"
-SOURCE_RUN_TAG = "restorch.source_run"
 VERSION_PIP_REQUIREMENTS = ["restorch", "torch", "mlflow", "numpy"]
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -113,10 +119,11 @@ def _top_level_runs(client: MlflowClient, name: str | None = None) -> list[Run]:
 
 def best_child(client: MlflowClient, parent: Run, metric: str, mode: str) -> Run:
     candidates = [run for run in _children(client, parent)
-                  if run.info.status == "FINISHED" and metric in run.data.metrics]
+                  if run.info.status == "FINISHED" and metric in run.data.metrics and MODEL_TAG in run.data.tags]
     if not candidates:
         raise RegistryError(
-            f"sweep run {parent.info.run_id} ({parent.info.run_name}) has no finished trial with metric {metric!r}; "
+            f"sweep run {parent.info.run_id} ({parent.info.run_name}) has no trial that finished training with "
+            f"metric {metric!r}; "
             "register a specific run id, or choose another --metric"
         )
     return (max if mode == "max" else min)(candidates, key=lambda run: run.data.metrics[metric])
@@ -133,8 +140,11 @@ def resolve_source(client: MlflowClient, source: str, metric: str, mode: str) ->
     if run is None:
         sweeps = _top_level_runs(client, source)
         if not sweeps:
-            names = sorted({r.info.run_name for r in _top_level_runs(client)})
-            raise RegistryError(f"no run id or sweep called {source!r} in the tracking store; sweeps: {', '.join(names) or 'none'}")
+            runs = [r for r in _top_level_runs(client) if SWEEP_TAG in r.data.tags or MODEL_TAG in r.data.tags]
+            names = ", ".join(sorted({r.info.run_name for r in runs if SWEEP_TAG in r.data.tags})) or "none"
+            models = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs if MODEL_TAG in r.data.tags) or "none"
+            raise RegistryError(f"no run id or sweep called {source!r} in the tracking store; sweeps: {names}; "
+                                f"runs that hold a model: {models}")
         run = sweeps[0]
     if PARENT_TAG not in run.data.tags and _children(client, run):
         return best_child(client, run, metric, mode)
@@ -166,41 +176,62 @@ def _check_registrable(client: MlflowClient, run: Run, metric: str) -> None:
         raise RegistryError(f"run {run_id} has no metric {metric!r} (it has: {have}); it never validated, or choose --metric")
 
 
-def trial_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:
-    """The spec that reproduces this run: its sweep's spec with the trial's searched values filled in."""
-    parent_id = run.data.tags.get(PARENT_TAG)
-    if not parent_id:
-        return None
+def _spec_artifact(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as folder:
         try:
-            path = client.download_artifacts(parent_id, "spec.yaml", folder)
+            return yaml.safe_load(Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text())
         except (MlflowException, OSError):
             return None
-        spec = yaml.safe_load(Path(path).read_text())
-    parent = client.get_run(parent_id)
+
+
+def train_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:
+    """The spec that reproduces this run with `restorch train`: a trial's sweep spec with the trial's
+    searched values filled in, or a `restorch train` job's own spec; under a name of its own (the same
+    name in the same storage would resume the finished job instead of training again)."""
     from orchestrator.spec import set_dotted
 
-    for key in (k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")):
-        if key in run.data.params:
-            set_dotted(spec, key, yaml.safe_load(run.data.params[key]))
-    spec.pop("search", None)
-    spec["name"] = f"{spec.get('name', 'run')}-{run.data.tags.get(TRIAL_TAG, run.info.run_id[:8])}"
+    parent_id = run.data.tags.get(PARENT_TAG)
+    if parent_id:
+        spec = _spec_artifact(client, parent_id)
+        if spec is None:
+            return None
+        parent = client.get_run(parent_id)
+        for key in (k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")):
+            if key in run.data.params:
+                set_dotted(spec, key, yaml.safe_load(run.data.params[key]))
+        spec.pop("search", None)
+        spec["name"] = f"{spec.get('name', 'run')}-{run.data.tags.get(TRIAL_TAG, run.info.run_id[:8])}"
+        return spec
+    if JOB_TAG not in run.data.tags:
+        return None
+    spec = _spec_artifact(client, run.info.run_id)
+    if spec is not None:
+        spec["name"] = f"{spec['name']}-reproduced"
     return spec
+
+
+def reproduce_command(uri: str, run_id: str) -> str:
+    """The shell command that fetches a registered run's train spec and trains it again."""
+    name = Path(TRAIN_SPEC_ARTIFACT).name  # `mlflow artifacts download -d .` writes the file itself, no folders
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow artifacts download -r {run_id} "
+            f"-a {TRAIN_SPEC_ARTIFACT} -d . && restorch train {name}")
 
 
 def version_tags(run: Run, metric: str) -> dict[str, str]:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     values = {
-        "task": params.get("task.name", ""),
+        "task": params.get(TASK_PARAM, ""),
         "metric": metric,
-        "protocol": tags.get("restorch.protocol", ""),
-        "params_m": f"{metrics['params'] / 1e6:.3f}" if "params" in metrics else "",
-        "conv_gmacs": f"{metrics['conv_gmacs']:.3f}" if "conv_gmacs" in metrics else "",
-        "images_per_s": f"{metrics['images_per_s']:.2f}" if "images_per_s" in metrics else "",
+        "protocol": tags.get(PROTOCOL_TAG, ""),
+        "protocol_version": tags.get(PROTOCOL_VERSION_TAG, ""),
+        "data": tags.get(DATA_TAG, ""),
+        "params_m": f"{metrics[PARAMS_M]:.3f}" if PARAMS_M in metrics else "",
+        "conv_gmacs": f"{metrics[CONV_GMACS]:.3f}" if CONV_GMACS in metrics else "",
+        "images_per_s": f"{metrics[IMAGES_PER_S]:.2f}" if IMAGES_PER_S in metrics else "",
         "run_id": run.info.run_id,
         "sweep_run_id": tags.get(PARENT_TAG, ""),
         "trial_id": tags.get(TRIAL_TAG, ""),
-        "git_commit": tags.get("mlflow.source.git.commit", ""),
+        "git_commit": tags.get(GIT_COMMIT_TAG, ""),
     }
     for name in ("psnr", "ssim", "mrae", "rmse"):
         if name in metrics:
@@ -208,28 +239,34 @@ def version_tags(run: Run, metric: str) -> dict[str, str]:
     return {key: value for key, value in values.items() if value}
 
 
-def model_card(name: str, version: str, tags: dict[str, str], run: Run, reproduce: str) -> str:
+def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
+    """The version's model card, from its tags (those of its run and of its evaluations) and its run's params."""
+    name, tags = version.name, version.tags
     metric_rows = "\n".join(f"| {k.removeprefix('val.')} | {v} |" for k, v in tags.items() if k.startswith("val."))
     lineage = "\n".join(f"- {label}: `{tags[key]}`" for key, label in
                         [("run_id", "run"), ("sweep_run_id", "sweep run"), ("trial_id", "trial"), ("git_commit", "git commit")]
                         if key in tags)
-    model_params = "\n".join(f"- `{k}`: {v}" for k, v in sorted(run.data.params.items()) if k.startswith("model."))
-    return f"""# {name} v{version}
+    model_options = "\n".join(f"- `{k.removeprefix(MODEL_PREFIX)}`: {v}" for k, v in sorted(run.data.params.items())
+                               if k.startswith(MODEL_PREFIX))
+    protocol = f"v{tags['protocol_version']}: {tags['protocol']}" if "protocol" in tags else "not recorded with the run"
+    return f"""# {name} v{version.version}
 
-Task: **{tags.get('task', '?')}**. Metric protocol: {tags.get('protocol') or 'the task protocol recorded with the run'}.
+Task: **{tags.get('task', '?')}**. Metric protocol {protocol}.
 
 ## Validation
+Data: {tags.get('data', 'not recorded with the run')}
+
 | metric | value |
 |---|---|
 {metric_rows}
-
+{_evaluations(tags)}
 ## Cost
 - params: {tags.get('params_m', '?')} M
 - conv GMACs at 256x256: {tags.get('conv_gmacs', '?')}
 - training throughput: {tags.get('images_per_s', '?')} images/s
 
-## Model
-{model_params}
+## Model options
+{model_options}
 
 ## Lineage
 {lineage}
@@ -241,10 +278,36 @@ Task: **{tags.get('task', '?')}**. Metric protocol: {tags.get('protocol') or 'th
 
 ## Use
 ```
-restorch restore --model models:/{name}/{version} --input in.png --output out.png
+restorch restore --model models:/{name}/{version.version} --input in.png --output out.png
 ```
 Input: float32 NCHW batch in [0, 1], any batch size and image size.
 """
+
+
+def _evaluations(tags: dict[str, str]) -> str:
+    """The card's section on the version's evaluations (`eval.{data}.*` tags), empty if none."""
+    sets = sorted({key.split(".")[1] for key in tags if key.startswith("eval.") and key.endswith(".run_id")})
+    if not sets:
+        return ""
+    lines = ["", "## Evaluations"]
+    for data in sets:
+        prefix = f"eval.{data}."
+        values = ", ".join(f"{key.removeprefix(prefix)} {value}" for key, value in sorted(tags.items())
+                           if key.startswith(prefix) and key.removeprefix(prefix) not in ("run_id", "data", "protocol"))
+        lines += [f"- {tags.get(prefix + 'data', data)}: {values} (metric protocol {tags.get(prefix + 'protocol', '?')}; "
+                  f"run `{tags[prefix + 'run_id']}`)"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_card(client: MlflowClient, version: ModelVersion, uri: str) -> ModelVersion:
+    """The version's card from its current tags, as its description and as an artifact of its run."""
+    run = client.get_run(version.run_id)
+    has_spec = any(a.path == TRAIN_SPEC_ARTIFACT for a in client.list_artifacts(run.info.run_id, "registry"))
+    reproduce = reproduce_command(uri, run.info.run_id) if has_spec else f"see run {run.info.run_id}"
+    card = model_card(version, run, reproduce)
+    client.log_text(run.info.run_id, card, f"registry/model_card_{version.name}_v{version.version}.md")
+    client.update_model_version(version.name, version.version, description=card)
+    return client.get_model_version(version.name, version.version)
 
 
 def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max", uri: str | None = None) -> ModelVersion:
@@ -264,14 +327,14 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
     _check_registrable(client, run, metric)
 
     tags = version_tags(run, metric)
-    spec = trial_spec(client, run)
+    spec = train_spec(client, run)
     with tempfile.TemporaryDirectory() as folder:
         weights = client.download_artifacts(run_id, MODEL_ARTIFACT, folder)
         model_config = _torch_load_config(weights)
         in_channels = int(model_config.get("inp_channels", 3))
         out_channels = int(model_config.get("out_channels", in_channels))
         if spec is not None:
-            client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), "registry/train_spec.yaml")
+            client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), TRAIN_SPEC_ARTIFACT)
         with fluent_store(resolved), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="registered_model",
@@ -282,12 +345,7 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
             )
     with fluent_store(resolved):
         version = mlflow.register_model(info.model_uri, name, tags={**tags, SOURCE_RUN_TAG: run_id})
-    reproduce = ("mlflow artifacts download -r {run} -a registry/train_spec.yaml -d . && "
-                 "restorch train registry/train_spec.yaml").format(run=run_id) if spec else f"see run {run_id}"
-    card = model_card(name, version.version, tags, run, reproduce)
-    client.log_text(run_id, card, f"registry/model_card_{name}_v{version.version}.md")
-    client.update_model_version(name, version.version, description=card)
-    return client.get_model_version(name, version.version)
+    return _write_card(client, client.get_model_version(name, version.version), resolved)
 
 
 def _torch_load_config(path: str) -> dict[str, Any]:
@@ -347,8 +405,10 @@ def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float
                      uri: str | None = None) -> tuple[dict[str, Any], str]:
     """The benchmark record of a registered version on a dataset folder (by the task protocol),
     logged to a new run that is linked to the version (tags both ways). Returns (record, run id)."""
+    from orchestrator.tracking import log_params, numeric_metrics
     from workloads.data import PairedDataset
     from workloads.inference import restore
+    from workloads.metrics import PROTOCOL_VERSION
     from workloads.tasks import get_task
 
     task = get_task(task_name, sigma=sigma)
@@ -364,20 +424,27 @@ def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float
     record = {"task": task.name, "model": f"models:/{version.name}/{version.version}", "data": str(data),
               **task.protocol.report(per_image)}
 
-    client = client_for(uri)
-    experiment = client.get_experiment_by_name(EVALUATION_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EVALUATION_EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=f"eval-{version.name}-v{version.version}-{data.name}", tags={
-        "restorch.model_name": version.name, "restorch.model_version": str(version.version),
-        "restorch.model_uri": record["model"], "restorch.data": str(data), "task": task.name,
-        "restorch.protocol": task.protocol.describe(),
+    resolved = resolve_uri(uri)
+    client = client_for(resolved)
+    source = client.get_run(version.run_id)
+    run = client.create_run(experiment_id(client, EVALUATION_EXPERIMENT, resolved),
+                            run_name=f"eval-{version.name}-v{version.version}-{data.name}", tags={
+        MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: record["model"],
+        DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),
+        PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
     })
     run_id = run.info.run_id
-    for name, value in record["mean"].items():
-        client.log_metric(run_id, name, value)
+    # what the numbers are of: the evaluated model's options and size, as its training run logged them
+    log_params(client, run_id, {k: v for k, v in source.data.params.items() if k.startswith(MODEL_PREFIX)})
+    sizes = {key: source.data.metrics[key] for key in (PARAMS_M, CONV_GMACS) if key in source.data.metrics}
+    client.log_batch(run_id, metrics=numeric_metrics({**sizes, **record["mean"]}, 0))
     client.log_dict(run_id, record, "evaluation.json")
     client.set_terminated(run_id)
-    for name, value in record["mean"].items():
-        client.set_model_version_tag(version.name, str(version.version), f"eval.{data.name}.{name}", f"{value:.4f}")
-    client.set_model_version_tag(version.name, str(version.version), f"eval.{data.name}.run_id", run_id)
+    prefix = f"eval.{data.name}"
+    evaluation = {**{f"{prefix}.{name}": f"{value:.4f}" for name, value in record["mean"].items()},
+                  f"{prefix}.run_id": run_id, f"{prefix}.data": str(data),
+                  f"{prefix}.protocol": f"v{PROTOCOL_VERSION}: {task.protocol.describe()}"}
+    for key, value in evaluation.items():
+        client.set_model_version_tag(version.name, str(version.version), key, value)
+    _write_card(client, client.get_model_version(version.name, str(version.version)), resolved)
     return record, run_id

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.ablation import ABLATION_TAG, VARIANT_TAG, Variant, spec_variants
 from orchestrator.results import Row, to_csv
-from orchestrator.spec import PROFILE_METRICS, ExperimentSpec, parse_spec
+from orchestrator.spec import PROFILE_METRICS, ExperimentSpec, load_spec_text
 from orchestrator.tracking import PARENT_TAG
 
 LOWER_IS_BETTER = ("mrae", "rmse", "loss")
@@ -127,8 +126,7 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
 def _logged_spec(client: MlflowClient, run: Run) -> ExperimentSpec:
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(run.info.run_id, "spec.yaml", folder)
-        raw = yaml.safe_load(Path(path).read_text())
-    return parse_spec(raw, source=f"spec.yaml of run {run.info.run_id}")
+        return load_spec_text(Path(path).read_text(), f"spec.yaml of run {run.info.run_id}")
 
 
 def _history(client: MlflowClient, run_id: str, metric: str) -> Curve:

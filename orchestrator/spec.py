@@ -15,7 +15,10 @@ Any value under `model`, `train` or `data` may be a search-space entry (`{choice
 `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}`,
 `{quniform: [lo, hi, q]}`). `load_spec` separates them into `ExperimentSpec.search_space`
 (dotted keys such as `model.glmha.alpha`) and validates everything, every candidate value included,
-before anything runs. Specs are data only: read with yaml.safe_load.
+before anything runs. Specs are data only, read by `read_spec_yaml` (yaml.SafeLoader with bounds on
+the text's size, its nesting and its aliases' expansion, checked while composing, before any object is
+built) and `load_spec_text` / `load_spec`; search spaces and model sizes are bounded before any model
+is built, so validating a spec takes bounded time and memory.
 """
 from __future__ import annotations
 
@@ -41,10 +44,79 @@ VARIANT_KEY = "ablation.variant"
 PBT_MUTABLE = ("train.lr", "train.weight_decay")
 # A validation set's name: it names the metrics reported on that set (psnr/Rain100L) and the report's columns.
 VAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Bounds on spec text and data (the recipes: under 3 KB, 9 levels deep, 120 nodes).
+MAX_SPEC_BYTES = 256 * 1024
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_NODES = 20_000  # YAML nodes with every alias expanded (an alias bomb stands for billions)
 
 
 class SpecError(ValueError):
     """An experiment spec that cannot run; the message names the key and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# reading spec text
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses nesting deeper than MAX_SPEC_DEPTH and documents that stand for more
+    than MAX_SPEC_NODES nodes once their aliases are expanded, while composing: it counts what each
+    node stands for instead of expanding anything."""
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        self.depth = 0
+        self.expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self.expanded:
+                raise SpecError(f"{self.source}: the alias *{event.anchor} (line {event.start_mark.line + 1}) is "
+                                "inside the value it refers to; a spec is a tree, write the value out")
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{self.source}: nested more than {MAX_SPEC_DEPTH} levels deep (the bound on a spec's "
+                            f"nesting, line {self.peek_event().start_mark.line + 1}); a spec is a few levels of mappings")
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        self.expanded[id(node)] = 1 + sum(self.expanded[id(child)] for child in children)
+        if self.expanded[id(node)] > MAX_SPEC_NODES:
+            raise SpecError(f"{self.source}: more than {MAX_SPEC_NODES} YAML nodes, each alias (*name) counted as the "
+                            f"value it repeats (the bound on a spec's size, reached at line {node.start_mark.line + 1}); "
+                            "write the values out instead of nesting aliases")
+        return node
+
+
+def _check_spec_size(size: int, source: str) -> None:
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: {size} bytes, more than {MAX_SPEC_BYTES} (the bound on a spec's size); "
+                        "a spec is a few KB of settings")
+
+
+def read_spec_yaml(text: str, source: str = "spec") -> Any:
+    """Spec YAML text as data (yaml.safe_load's result), within the bounds on text size, nesting and
+    alias expansion (a SpecError naming the bound, before any object is built)."""
+    _check_spec_size(len(text.encode("utf-8", "surrogatepass")), source)
+    loader = _BoundedLoader(text, source)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as error:
+        raise SpecError(f"{source} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def load_spec_text(text: str, source: str = "spec") -> ExperimentSpec:
+    """The validated spec of YAML (or JSON) text: `read_spec_yaml` then `parse_spec`."""
+    return parse_spec(read_spec_yaml(text, source), source=source)
 
 
 class _Section(BaseModel):
@@ -627,14 +699,16 @@ def _check_pbt(spec: ExperimentSpec) -> None:
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
+    """The validated spec of a YAML file (`load_spec_text`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
+    _check_spec_size(path.stat().st_size, str(path))  # before reading it
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
-    return parse_spec(raw, source=str(path))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path} is not UTF-8 text: {error}") from None
+    return load_spec_text(text, str(path))
 
 
 def check_trial_limit(spec: ExperimentSpec, *, yes: bool) -> None:

@@ -51,7 +51,7 @@ from orchestrator.jobs import check_cluster_resources, init_ray, job_config, mak
 from orchestrator.console import console
 from orchestrator.progress import SweepProgress
 from orchestrator.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
-from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, mutation_domains, parse_spec,
+from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, load_spec_text, mutation_domains,
                                resolve_trial)
 from orchestrator.storage import filesystem, ray_storage, read_text, write_text
 from orchestrator.timeline import mark
@@ -223,7 +223,7 @@ def _trial_name(trial: Any) -> str:
 def read_stored_spec(folder: str, endpoint_url: str | None = None) -> ExperimentSpec | None:
     """The spec a sweep in storage was started with, or None if there is none."""
     text = read_text(folder, SPEC_FILE, endpoint_url)
-    return None if text is None else parse_spec(yaml.safe_load(text), source=f"{folder}/{SPEC_FILE}")
+    return None if text is None else load_spec_text(text, f"{folder}/{SPEC_FILE}")
 
 
 def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str) -> Any:

@@ -71,6 +71,14 @@ def _bad(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     return base_spec(tmp_path, **sections)
 
 
+def alias_bomb(levels: int, width: int = 10) -> str:
+    """A spec whose model's last option stands for width**levels values through nested aliases (a few
+    hundred bytes)."""
+    lines = ["name: bomb", "model:", "  name: restormer", "  a0: &a0 {x: 1}"]
+    lines += [f"  a{i}: &a{i} {{{', '.join(f'k{k}: *a{i - 1}' for k in range(width))}}}" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
 BAD_SPECS = {
     "unknown key": (lambda t: {**_bad(t), "epochs": 3}, "epochs: unknown key"),
     "unknown nested key": (lambda t: _bad(t, train={"iters": 5}), "train.iters: unknown key"),
@@ -107,6 +115,14 @@ BAD_SPECS = {
                              "train.checkpoint_every (4) must be a multiple of train.val_every (3)"),
     "unknown task": (lambda t: _bad(t, task="inpainting"), "task: unknown task 'inpainting'"),
     "not a mapping": (lambda t: "- just\n- a list\n", "a spec is a YAML mapping"),
+    "alias bomb": (lambda t: alias_bomb(7), "more than 20000 YAML nodes, each alias (*name) counted as the value it "
+                                            "repeats (the bound on a spec's size, reached at line 8)"),
+    "alias inside its own value": (lambda t: "name: x\nmodel: &m {name: restormer, sub: *m}\n",
+                                   "the alias *m (line 2) is inside the value it refers to"),
+    "nested 500 deep": (lambda t: "name: x\nmodel: " + "[" * 500 + "]" * 500 + "\n",
+                        "nested more than 32 levels deep (the bound on a spec's nesting, line 2)"),
+    "spec text too large": (lambda t: "name: x\n" + "#" * 300_000 + "\n",
+                            "300009 bytes, more than 262144 (the bound on a spec's size)"),
     "pbt interval off the checkpoints": (
         lambda t: _bad(t, search={**PBT, "perturbation_interval": 4}),
         "search.perturbation_interval (4) is not a multiple of train.checkpoint_every (3): pbt perturbs trials at "
@@ -156,6 +172,21 @@ def test_bad_spec_is_rejected_before_anything_starts(kind, tmp_path, monkeypatch
     assert main(["sweep", str(path)]) == 2
     assert expected in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == before  # no mlflow.db, mlartifacts/, restorch_runs/ ...
+
+
+def test_alias_bomb_is_refused_while_composing():
+    """The loader counts what each alias stands for and never builds the expansion (10**7 values)."""
+    import tracemalloc
+
+    from orchestrator.spec import read_spec_yaml
+
+    tracemalloc.start()
+    with pytest.raises(SpecError, match="more than 20000 YAML nodes"):
+        read_spec_yaml(alias_bomb(7), "bomb.yaml")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 * 2**20
+    assert read_spec_yaml("a: &x [1, 2]\nb: *x\n") == {"a": [1, 2], "b": [1, 2]}  # aliases themselves are fine
 
 
 def test_pbt_spec(tmp_path):
