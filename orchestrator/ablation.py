@@ -32,10 +32,12 @@ Recipes (the papers' ablations, small scale) ship with the package in workloads/
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.spec import VARIANT_KEY, AblationSpec, Domain, ExperimentSpec, SpecError, check_assignment, resolve_trial
+from orchestrator.spec import (MAX_CHECKED_MODELS, VARIANT_KEY, AblationSpec, Domain, ExperimentSpec, SpecError,
+                               check_assignment, resolve_trial)
 
 # MLflow tags: the parent run carries the ablation's name; each child run its variant, factor, seed.
 ABLATION_TAG = "restorch.ablation"
@@ -97,6 +99,11 @@ def ablation_space(spec: ExperimentSpec) -> list[Domain]:
     """The sweep's search space (the variant labels, times the seeds when training), after checking
     the search settings and validating every variant as a whole config."""
     _check_search(spec)
+    sizes = [len(settings) for settings in spec.ablation.factors.values()]
+    count = math.prod(sizes) if spec.ablation.mode == "factorial" else 1 + sum(sizes)
+    if count > MAX_CHECKED_MODELS:
+        raise SpecError(f"ablation: up to {count} variants, more than {MAX_CHECKED_MODELS} (the bound on an ablation's "
+                        "variants, each built to check it); ablate fewer settings")
     base = spec.config()
     rows = spec_variants(spec)
     labels = [variant.label for variant in rows]

@@ -48,6 +48,14 @@ VAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_SPEC_BYTES = 256 * 1024
 MAX_SPEC_DEPTH = 32
 MAX_SPEC_NODES = 20_000  # YAML nodes with every alias expanded (an alias bomb stands for billions)
+# Bounds on the work of validating a spec, counted before any model is built.
+MAX_SEARCH_TRIALS = 10_000  # trials of a search space, even with --yes
+MAX_CHECKED_MODELS = 64  # distinct model candidate values or ablation variants, each built to check it
+# Bounds on a model's size options (the papers' models: dims <= 48, <= 8 blocks per level, <= 8 heads)
+# and on its parameters (Restormer: 26 M).
+MODEL_OPTION_LIMITS = {"dim": 512, "inp_channels": 512, "out_channels": 512, "head_dim": 512, "num_blocks": 64,
+                       "num_refinement_blocks": 64, "heads": 64, "num_stages": 16, "depth": 64}
+MAX_MODEL_PARAMS = 1_000_000_000
 
 
 class SpecError(ValueError):
@@ -79,8 +87,7 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         self.depth += 1
         if self.depth > MAX_SPEC_DEPTH:
-            raise SpecError(f"{self.source}: nested more than {MAX_SPEC_DEPTH} levels deep (the bound on a spec's "
-                            f"nesting, line {self.peek_event().start_mark.line + 1}); a spec is a few levels of mappings")
+            raise _too_deep(f"{self.source}: line {self.peek_event().start_mark.line + 1}")
         node = super().compose_node(parent, index)
         self.depth -= 1
         if isinstance(node, yaml.MappingNode):
@@ -89,10 +96,35 @@ class _BoundedLoader(yaml.SafeLoader):
             children = node.value if isinstance(node, yaml.SequenceNode) else []
         self.expanded[id(node)] = 1 + sum(self.expanded[id(child)] for child in children)
         if self.expanded[id(node)] > MAX_SPEC_NODES:
-            raise SpecError(f"{self.source}: more than {MAX_SPEC_NODES} YAML nodes, each alias (*name) counted as the "
-                            f"value it repeats (the bound on a spec's size, reached at line {node.start_mark.line + 1}); "
-                            "write the values out instead of nesting aliases")
+            raise _too_many_nodes(f"{self.source}: line {node.start_mark.line + 1}")
         return node
+
+
+def _too_deep(where: str) -> SpecError:
+    return SpecError(f"{where}: nested more than {MAX_SPEC_DEPTH} levels deep (the bound on a spec's nesting); "
+                     "a spec is a few levels of mappings")
+
+
+def _too_many_nodes(where: str) -> SpecError:
+    return SpecError(f"{where}: more than {MAX_SPEC_NODES} values and keys, each alias (*name) counted as the value "
+                     "it repeats (the bound on a spec's size); write the values out instead of nesting aliases")
+
+
+def _check_data_size(raw: Any, source: str) -> None:
+    """Spec data (from YAML or JSON) within MAX_SPEC_DEPTH and MAX_SPEC_NODES, a value that appears in
+    several places counted in each, without recursion."""
+    stack, nodes = [(raw, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_SPEC_NODES:
+            raise _too_many_nodes(source)
+        if depth > MAX_SPEC_DEPTH:
+            raise _too_deep(source)
+        if isinstance(value, Mapping):
+            stack += [(item, depth + 1) for pair in value.items() for item in pair]
+        elif isinstance(value, (list, tuple)):
+            stack += [(item, depth + 1) for item in value]
 
 
 def _check_spec_size(size: int, source: str) -> None:
@@ -520,10 +552,13 @@ def mutation_domains(search: SearchSpec) -> list[Domain]:
 
 
 def candidate_assignments(space: list[Domain]) -> Iterator[dict[str, Any]]:
-    """Each candidate value of each domain alone (enough to validate every value against the schema)."""
+    """Each distinct candidate value of each domain alone (enough to validate every value against the schema)."""
     for domain in space:
+        seen = set()
         for value in domain.candidates():
-            yield {domain.key: value}
+            if repr(value) not in seen:
+                seen.add(repr(value))
+                yield {domain.key: value}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,15 +588,26 @@ def _validate_sections(raw: dict[str, Any]) -> ExperimentSpec:
 
 
 def _check_model(config: dict[str, Any], where: str) -> None:
+    """The model builds (on the meta device: no memory) within MODEL_OPTION_LIMITS and MAX_MODEL_PARAMS."""
     import torch
 
     from models import build_model
 
+    for option, limit in MODEL_OPTION_LIMITS.items():
+        value = config.get(option)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > limit for v in values):
+            raise SpecError(f"{where}: model option {option} {value!r} is above {limit}, the bound on a model's "
+                            f"{option}")
     try:
         with torch.device("meta"):
-            build_model(config)
+            model = build_model(config)
     except (ValueError, TypeError) as error:
         raise SpecError(f"{where}: {error}") from None
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_MODEL_PARAMS:
+        raise SpecError(f"{where}: the model has {params / 1e6:.0f} M parameters, more than {MAX_MODEL_PARAMS / 1e6:.0f} M "
+                        "(the bound on a model's size); lower dim or num_blocks")
 
 
 def check_assignment(base: dict[str, Any], assignment: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -591,6 +637,7 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
     """Validate spec data (already parsed YAML): schema, search space, model options, task."""
     if not isinstance(raw, Mapping):
         raise SpecError(f"{source}: a spec is a YAML mapping with name, model, task, data, ...; got {type(raw).__name__}")
+    _check_data_size(raw, source)
     raw = dict(raw)
     space: list[Domain] = []
     for section in SEARCHABLE_SECTIONS:
@@ -608,14 +655,21 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
         raise SpecError("search_space: unknown key; write search-space entries in place, e.g. model.glmha.alpha: {grid: [0.4, 0.6]}")
     spec = _validate_sections(raw)
     spec.search_space = space
+    _check_search_size(spec)
     if spec.ablation is not None:
         from orchestrator.ablation import ablation_space  # ablation.py builds on this module
 
         spec.search_space = ablation_space(spec)
+        _check_search_size(spec)
     base = spec.config()
     task_metrics = _task_metrics(spec)
+    assignments = list(candidate_assignments([*space, *mutation_domains(spec.search)]))
+    models = sum(next(iter(assignment)).startswith("model.") for assignment in assignments)
+    if models > MAX_CHECKED_MODELS:
+        raise SpecError(f"model: the search space has {models} distinct model values, more than {MAX_CHECKED_MODELS} "
+                        "(the bound on model candidates, each built to check it); search fewer model values")
     _check_model(base["model"], "model")
-    for assignment in candidate_assignments([*space, *mutation_domains(spec.search)]):
+    for assignment in assignments:
         (key, value), = assignment.items()
         trial = resolve_trial(base, assignment)
         trial.pop("search_space", None)
@@ -628,6 +682,15 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
                 raise SpecError(f"{key}: candidate value {value!r} is invalid: {error}") from None
     _check_search(spec, task_metrics)
     return spec
+
+
+def _check_search_size(spec: ExperimentSpec) -> None:
+    """The search space's trials (counted, before any model is built) within MAX_SEARCH_TRIALS."""
+    count = spec.trial_count()
+    if count > MAX_SEARCH_TRIALS:
+        raise SpecError(f"search: the search space has {count} trials (the grid sizes' product x search.num_samples), "
+                        f"more than {MAX_SEARCH_TRIALS} (the bound on a sweep, even with --yes); use fewer grid values, "
+                        "or a range with algorithm random or optuna")
 
 
 def _check_search(spec: ExperimentSpec, task_metrics: list[str]) -> None:

@@ -106,6 +106,9 @@ def _with(changes: dict[str, Any], **ablation: Any) -> dict[str, Any]:
     (_with({"search": {"algorithm": "optuna"}}), "search.algorithm: an ablation runs every variant"),
     (_with({}, seeds=[1, 1]), "ablation.seeds: [1, 1] repeats a seed"),
     (_with({}, mode="leave_one_out"), "ablation.mode: Input should be 'one_at_a_time', 'factorial' or 'cumulative'"),
+    (_with({}, mode="factorial", factors={name: [{"label": f"{name}{i}", "set": {"model.ffn_expansion_factor": i}}
+                                                 for i in range(1, 10)] for name in ("a", "b")}),
+     "ablation: up to 81 variants, more than 64 (the bound on an ablation's variants, each built to check it)"),
 ])
 def test_every_variant_is_validated_before_anything_runs(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError) as error:
@@ -163,4 +166,9 @@ def test_glmha_table9_profile_only(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert [line["variant"] for line in csv.DictReader(io.StringIO(written))] == [row["variant"] for row in rows]
     fresh = tmp_path / "fresh"
     assert main(["report", "glmha-table9-levels", "--tracking-uri", run.uri, "--out", str(fresh)]) == 0
+    assert (fresh / CSV_FILE).read_bytes() == written.encode()
+    (fresh / CSV_FILE).write_text("edited")  # a rebuild into a report's folder replaces it only with --overwrite
+    assert main(["report", "glmha-table9-levels", "--tracking-uri", run.uri, "--out", str(fresh)]) == 2
+    assert (fresh / CSV_FILE).read_text() == "edited"
+    assert main(["report", "glmha-table9-levels", "--tracking-uri", run.uri, "--out", str(fresh), "--overwrite"]) == 0
     assert (fresh / CSV_FILE).read_bytes() == written.encode()

@@ -115,14 +115,26 @@ BAD_SPECS = {
                              "train.checkpoint_every (4) must be a multiple of train.val_every (3)"),
     "unknown task": (lambda t: _bad(t, task="inpainting"), "task: unknown task 'inpainting'"),
     "not a mapping": (lambda t: "- just\n- a list\n", "a spec is a YAML mapping"),
-    "alias bomb": (lambda t: alias_bomb(7), "more than 20000 YAML nodes, each alias (*name) counted as the value it "
-                                            "repeats (the bound on a spec's size, reached at line 8)"),
+    "alias bomb": (lambda t: alias_bomb(7), "spec.yaml: line 8: more than 20000 values and keys, each alias (*name) "
+                                            "counted as the value it repeats (the bound on a spec's size)"),
     "alias inside its own value": (lambda t: "name: x\nmodel: &m {name: restormer, sub: *m}\n",
                                    "the alias *m (line 2) is inside the value it refers to"),
     "nested 500 deep": (lambda t: "name: x\nmodel: " + "[" * 500 + "]" * 500 + "\n",
-                        "nested more than 32 levels deep (the bound on a spec's nesting, line 2)"),
+                        "spec.yaml: line 2: nested more than 32 levels deep (the bound on a spec's nesting)"),
     "spec text too large": (lambda t: "name: x\n" + "#" * 300_000 + "\n",
                             "300009 bytes, more than 262144 (the bound on a spec's size)"),
+    "search space beyond the bound": (lambda t: _bad(t, search={"num_samples": 5000}),
+                                      "search: the search space has 20000 trials (the grid sizes' product x "
+                                      "search.num_samples), more than 10000 (the bound on a sweep, even with --yes)"),
+    "too many model values to check": (
+        lambda t: _bad(t, model={**_bad(t)["model"], "glmha": {"alpha": {"choice": [i / 100 for i in range(100)]}}},
+                       search={"algorithm": "random"}),
+        "model: the search space has 100 distinct model values, more than 64 (the bound on model candidates"),
+    "blocks beyond the bound": (lambda t: _bad(t, model={**_bad(t)["model"], "num_blocks": [2000, 1, 1, 1]}),
+                                "model: model option num_blocks [2000, 1, 1, 1] is above 64, the bound on a model's "
+                                "num_blocks"),
+    "parameters beyond the bound": (lambda t: _bad(t, model={"name": "restormer", "dim": 480}),
+                                    "M parameters, more than 1000 M (the bound on a model's size)"),
     "pbt interval off the checkpoints": (
         lambda t: _bad(t, search={**PBT, "perturbation_interval": 4}),
         "search.perturbation_interval (4) is not a multiple of train.checkpoint_every (3): pbt perturbs trials at "
@@ -181,12 +193,24 @@ def test_alias_bomb_is_refused_while_composing():
     from orchestrator.spec import read_spec_yaml
 
     tracemalloc.start()
-    with pytest.raises(SpecError, match="more than 20000 YAML nodes"):
+    with pytest.raises(SpecError, match="more than 20000 values and keys"):
         read_spec_yaml(alias_bomb(7), "bomb.yaml")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 5 * 2**20
     assert read_spec_yaml("a: &x [1, 2]\nb: *x\n") == {"a": [1, 2], "b": [1, 2]}  # aliases themselves are fine
+
+
+def test_spec_data_is_bounded_like_its_text(tmp_path):
+    """Spec data that arrives already parsed (a JSON body) meets the same bounds, without recursion."""
+    deep: Any = 1
+    for _ in range(2000):
+        deep = {"x": deep}
+    with pytest.raises(SpecError, match=r"^body: nested more than 32 levels deep"):
+        parse_spec(base_spec(tmp_path, model={"name": "restormer", "deep": deep}), source="body")
+    shared = [[1] * 100] * 300
+    with pytest.raises(SpecError, match=r"^body: more than 20000 values and keys"):
+        parse_spec(base_spec(tmp_path, model={"name": "restormer", "shared": shared}), source="body")
 
 
 def test_pbt_spec(tmp_path):
