@@ -137,13 +137,14 @@ def read_spec_yaml(text: str, source: str = "spec") -> Any:
     """Spec YAML text as data (yaml.safe_load's result), within the bounds on text size, nesting and
     alias expansion (a SpecError naming the bound, before any object is built)."""
     _check_spec_size(len(text.encode("utf-8", "surrogatepass")), source)
-    loader = _BoundedLoader(text, source)
     try:
-        return loader.get_single_data()
+        loader = _BoundedLoader(text, source)  # its reader already refuses control characters
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise SpecError(f"{source} is not valid YAML: {error}") from None
-    finally:
-        loader.dispose()
 
 
 def load_spec_text(text: str, source: str = "spec") -> ExperimentSpec:
