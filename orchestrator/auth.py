@@ -12,12 +12,13 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.service_db import Token
 
 PREFIX = "rst"
-USER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+USER_PATTERN = r"^[a-z0-9_-]{1,64}\Z"  # also a folder name: the user's storage prefix (orchestrator/service_policy.py)
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,25 @@ def _digest(salt: str, secret: str) -> str:
 
 def create_token(sessions: sessionmaker[Session], user: str, *, admin: bool = False) -> str:
     """A new token for `user`, stored hashed; returns the token (the only time it is seen)."""
-    if not USER_PATTERN.match(user):
-        raise ValueError(f"user {user!r}: use 1-64 letters, digits and _ . @ - (starting with a letter or digit)")
+    if not re.match(USER_PATTERN, user):
+        raise ValueError(f"user {user!r}: use 1-64 lower-case letters, digits, _ and -")
     token_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
     with sessions.begin() as session:
         session.add(Token(id=token_id, user=user, admin=admin, salt=salt, digest=_digest(salt, secret)))
     return f"{PREFIX}_{token_id}_{secret}"
+
+
+def list_tokens(sessions: sessionmaker[Session], user: str | None = None) -> list[Token]:
+    """The stored tokens (of `user`), oldest first: ids, users and roles; their secrets are not stored."""
+    query = select(Token).order_by(Token.created_at, Token.id)
+    with sessions() as session:
+        return list(session.scalars(query if user is None else query.where(Token.user == user)))
+
+
+def revoke_token(sessions: sessionmaker[Session], token_id: str) -> bool:
+    """Delete the token with this id (the `<id>` of `rst_<id>_<secret>`); returns whether there was one."""
+    with sessions.begin() as session:
+        return session.execute(delete(Token).where(Token.id == token_id)).rowcount == 1
 
 
 def authenticate(sessions: sessionmaker[Session], token: str) -> Caller | None:

@@ -8,48 +8,89 @@
     GET  /openapi.json               the API schema (interactive: /docs)
 
 Every request carries `Authorization: Bearer <token>` (orchestrator/auth.py): 401 without a valid
-one. A user sees and cancels only their own experiments (another's is 404, as if it did not exist)
-unless the token is an admin's. A spec is data only (JSON, or YAML read with yaml.safe_load) and is
-validated as `restorch submit` validates it (`validate_submission`): a bad one gets 422 with the
-spec checker's message and nothing is queued. Request bodies over MAX_BODY_BYTES get 413.
+one; a token in the URL (`?token=`) is refused. A user sees and cancels only their own experiments
+(another's is 404, as if it did not exist) unless the token is an admin's. A spec is data only (JSON,
+or YAML read by the spec's bounded loader) and is validated as `restorch submit` validates it, then
+held to the service's policy (orchestrator/service_policy.py: storage in the user's own prefix,
+data in the data roots, the service's tracking servers) in `validate_submission`: a bad one gets 422
+with the message naming the problem and nothing is queued. Every bad input is a 4xx: request bodies
+over MAX_BODY_BYTES get 413, a user's second submission while their first is still being validated
+429, and what the database cannot hold (a NUL, a lone surrogate, names and paths longer than its
+columns) 422.
 
 The queue is the database (orchestrator/service_db.py); the dispatcher thread (orchestrator/
 dispatcher.py) submits queued experiments as Ray jobs and follows them; results are read from the
-experiment's storage folder and MLflow (orchestrator/service_results.py).
+experiment's folder in the service's storage and its MLflow server (orchestrator/service_results.py),
+never from an address a spec names. Endpoints are sync functions (FastAPI runs them in its thread
+pool), so a slow read holds one thread, not the event loop; MLflow calls have a timeout (MLFLOW_LIMITS).
 """
 # No `from __future__ import annotations`: FastAPI reads the annotations of the routes defined in
 # create_app, which name its local types (Who, ExperimentId).
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Path, Query
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.auth import Caller, authenticate
+from orchestrator.auth import USER_PATTERN, Caller, authenticate
 from orchestrator.dispatcher import Cluster, Dispatcher, Limits
 from orchestrator.remote import check_for_cluster
 from orchestrator.service_db import FINAL_STATES, Experiment, transition, utcnow
-from orchestrator.service_results import experiment_folder, report_files, sweep_result, train_result
-from orchestrator.spec import ExperimentSpec, SpecError, check_trial_limit, parse_spec
+from orchestrator.service_policy import ServicePolicy
+from orchestrator.service_results import experiment_folder, jsonable, report_files, sweep_result, train_result
+from orchestrator.spec import (MAX_SPEC_BYTES, ExperimentSpec, SpecError, check_trial_limit,
+                                load_spec_text, parse_spec)
 from orchestrator.submit import KINDS
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_ID = 2**63 - 1  # the largest id a database integer holds
+# The service's own MLflow calls (result pages): a tracking server that does not answer costs a request 10 s, not minutes.
+MLFLOW_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+URL_TOKEN_PARAMS = ("token", "access_token", "api_key", "apikey", "auth", "authorization", "key")
+TOKEN_TEXT = re.compile(r"rst_[A-Za-z0-9_-]+|((?:access_)?token|api_?key|auth(?:orization)?|key)=[^&\s]*", re.IGNORECASE)
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped and non-finite numbers null: a lone surrogate or an `inf`
+    echoed from a request cannot fail the response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(jsonable(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+class RedactTokens(logging.Filter):
+    """Drops token-like text (rst_..., token=...) from uvicorn's access log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(TOKEN_TEXT.sub(lambda m: f"{m.group(1)}=<redacted>" if m.group(1) else "<redacted>",
+                                               arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
 
 
 class ExperimentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal[KINDS] = Field(description="the restorch command the Ray job runs")  # type: ignore[valid-type]
-    spec: str | dict[str, Any] = Field(description="the experiment spec: YAML text, or the same as JSON data")
-    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; equal priorities take turns by user")
+    spec: Annotated[str, Field(max_length=MAX_SPEC_BYTES)] | dict[str, Any] = Field(
+        description="the experiment spec: YAML text, or the same as JSON data")
+    priority: StrictInt = Field(0, ge=-1000, le=1000, description="higher runs first; equal priorities take turns by user")
 
 
 class ExperimentOut(BaseModel):
@@ -84,16 +125,41 @@ class Report(BaseModel):
                                               "its paper-style table.csv, table.md, table.tex")
 
 
-def validate_submission(body: ExperimentIn) -> ExperimentSpec:
-    """The spec of a submission, checked as the CLI checks it before anything runs; raises SpecError."""
-    raw = body.spec
-    if isinstance(raw, str):
-        try:
-            raw = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise SpecError(f"spec is not valid YAML: {error}") from None
-    spec = parse_spec(raw, source="spec")
-    check_for_cluster(spec, tracked=body.kind != "train")
+def check_storable(data: Any) -> None:
+    """Refuse spec data (already within the spec's bounds on size and nesting) holding text the database
+    cannot store: a NUL character, a lone surrogate (not UTF-8)."""
+    pending = [data]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            pending += [item for pair in node.items() for item in pair]
+        elif isinstance(node, list):
+            pending += node
+        elif isinstance(node, str):
+            if "\0" in node:
+                raise SpecError(f"spec: {node[:80]!r} holds a NUL character; remove it")
+            try:
+                node.encode()
+            except UnicodeEncodeError:
+                raise SpecError(f"spec: {node[:80]!r} holds a lone surrogate, which is not valid Unicode") from None
+
+
+def check_lengths(spec: ExperimentSpec) -> None:
+    """The name and storage fit the database's columns (PostgreSQL refuses longer values)."""
+    for key, value, column in (("name", spec.name, Experiment.name), ("storage.path", spec.storage.path, Experiment.storage)):
+        if len(value) > column.type.length:
+            raise SpecError(f"{key}: {len(value)} characters, more than the {column.type.length} the service stores")
+
+
+def validate_submission(body: ExperimentIn, policy: ServicePolicy, user: str) -> ExperimentSpec:
+    """The spec of `user`'s submission, checked as the CLI checks it before anything runs, and held to the
+    service's policy (storage in the user's prefix, allowed data and tracking); raises SpecError."""
+    spec = load_spec_text(body.spec, "spec") if isinstance(body.spec, str) else parse_spec(body.spec, source="spec")
+    check_storable(spec.as_written())
+    tracked = body.kind != "train"
+    spec = policy.admit(spec, user, tracked=tracked)
+    check_lengths(spec)
+    check_for_cluster(spec, tracked=tracked)
     if body.kind == "train" and spec.search_space:
         keys = ", ".join(domain.key for domain in spec.search_space)
         raise SpecError(f"spec has search-space entries ({keys}): submit it with kind sweep, or fix the values")
@@ -102,10 +168,31 @@ def validate_submission(body: ExperimentIn) -> ExperimentSpec:
     return spec
 
 
-def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits, *,
+class OnePerUser:
+    """At most one validation per user at a time: a user cannot occupy the service's threads with specs."""
+
+    def __init__(self) -> None:
+        self._lock, self._busy = threading.Lock(), set[str]()
+
+    @contextmanager
+    def held(self, user: str) -> Iterator[None]:
+        with self._lock:
+            if user in self._busy:
+                raise HTTPException(429, "your previous submission is still being validated; send this one after it")
+            self._busy.add(user)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(user)
+
+
+def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits, policy: ServicePolicy, *,
                ray_address: str | None = None) -> FastAPI:
-    """The API over the queue in `sessions`; its dispatcher (app.state.dispatcher) runs while the app is served."""
+    """The API over the queue in `sessions`, admitting specs under `policy`; its dispatcher
+    (app.state.dispatcher) runs while the app is served."""
     dispatcher = Dispatcher(sessions, cluster, limits)
+    validating = OnePerUser()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,8 +201,24 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
         dispatcher.stop()
 
     app = FastAPI(title="restorch", summary="experiment queue in front of a Ray cluster", lifespan=lifespan,
-                  max_body_size=MAX_BODY_BYTES)
+                  max_body_size=MAX_BODY_BYTES, default_response_class=AsciiJSONResponse)
     app.state.dispatcher = dispatcher
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        return AsciiJSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        return AsciiJSONResponse({"detail": jsonable_encoder(error.errors())}, 422)
+
+    @app.middleware("http")
+    async def no_token_in_url(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if any(key.lower() in URL_TOKEN_PARAMS for key in request.query_params) or "rst_" in request.url.query:
+            return AsciiJSONResponse({"detail": "tokens go in the Authorization header (Bearer), never in the URL, "
+                                                "where logs and proxies keep them: revoke this one "
+                                                "(restorch serve token revoke ID) and send a new one as a header"}, 400)
+        return await call_next(request)
     bearer = HTTPBearer(auto_error=False, description="a token from `restorch serve token create USER`")
 
     def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
@@ -129,6 +232,12 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
     Who = Annotated[Caller, Depends(caller)]
     ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
+    def stored_spec(experiment: Experiment) -> ExperimentSpec:
+        """The experiment's spec as queued, once more held to the policy: pages read only the service's storage."""
+        spec = load_spec_text(experiment.spec, f"experiment {experiment.id}'s spec")
+        policy.check_stored(spec, experiment.user)
+        return spec
+
     def owned(experiment_id: int, who: Caller) -> Experiment:
         with sessions() as session:
             experiment = session.get(Experiment, experiment_id)
@@ -139,17 +248,18 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
     @app.post("/experiments", status_code=201, response_model=ExperimentOut)
     def submit(body: ExperimentIn, who: Who) -> Experiment:
         """Validate the spec and queue the experiment."""
-        try:
-            spec = validate_submission(body)
-        except SpecError as error:
-            raise HTTPException(422, str(error)) from None
+        with validating.held(who.user):
+            try:
+                spec = validate_submission(body, policy, who.user)
+            except SpecError as error:
+                raise HTTPException(422, str(error)) from None
         with sessions.begin() as session:
             clash = session.scalars(select(Experiment.id).where(
                 Experiment.name == spec.name, Experiment.storage == spec.storage.path,
                 Experiment.status.in_(("queued", "running")))).first()
-            if clash is not None:
-                raise HTTPException(409, f"an experiment named {spec.name!r} with storage {spec.storage.path} is "
-                                         "already queued or running; both would run the same job: rename this one")
+            if clash is not None:  # storage is the user's own prefix: the clash is one of their own experiments
+                raise HTTPException(409, f"the name {spec.name!r} is taken by one of your experiments that is queued "
+                                         "or running; rename this one")
             experiment = Experiment(user=who.user, kind=body.kind, name=spec.name, storage=spec.storage.path,
                                     priority=body.priority, spec=yaml.safe_dump(spec.as_written(), sort_keys=False))
             session.add(experiment)
@@ -160,6 +270,8 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
     def list_experiments(who: Who, user: str | None = None, status: State | None = None,
                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Sequence[Experiment]:
         """Experiments, newest first: the caller's own (an admin: everyone's, or `user`'s)."""
+        if user is not None and not re.match(USER_PATTERN, user):
+            raise HTTPException(422, f"user: {user[:80]!r} is not a user name (lower-case letters, digits, _ and -)")
         query = select(Experiment).order_by(Experiment.id.desc()).limit(limit)
         if not who.admin:
             query = query.where(Experiment.user == who.user)
@@ -178,8 +290,8 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
         if ray_address and experiment.ray_job_id:
             links["ray_job"] = f"{ray_address}/#/jobs/{experiment.ray_job_id}"
         try:
-            spec = parse_spec(yaml.safe_load(experiment.spec))
-            if (spec.tracking.uri or "").startswith(("http://", "https://")):
+            spec = stored_spec(experiment)
+            if spec.tracking.uri:
                 links["mlflow"] = spec.tracking.uri
             if experiment.status != "queued":
                 result = train_result(spec) if experiment.kind == "train" else sweep_result(spec)
@@ -215,10 +327,13 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
         if experiment.kind == "train":
             raise HTTPException(404, f"experiment {experiment_id} is a train job, which writes no report: "
                                      f"GET /experiments/{experiment_id} has its metrics")
+        if experiment.status == "queued":
+            raise HTTPException(404, f"experiment {experiment_id} has no report yet (queued): the {experiment.kind} "
+                                     "writes it when it ends")
         try:
-            spec = parse_spec(yaml.safe_load(experiment.spec))
+            spec = stored_spec(experiment)
             folder, files = experiment_folder(spec), report_files(spec)
-        except (OSError, SpecError) as failure:  # storage unreachable, or a spec this version no longer reads
+        except Exception as failure:  # storage or MLflow unreachable (OSError, MlflowException), a spec refused
             raise HTTPException(503, f"could not read the report of experiment {experiment_id}: {failure}") from None
         if not files:
             raise HTTPException(404, f"experiment {experiment_id} has no report yet ({experiment.status}): the "
@@ -228,15 +343,20 @@ def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits
     return app
 
 
-def serve(db_url: str, ray_address: str, limits: Limits, *, host: str, port: int, installed: bool = False) -> None:
+def serve(db_url: str, ray_address: str, limits: Limits, policy: ServicePolicy, *, host: str, port: int,
+          installed: bool = False) -> None:
     """Run the service in the foreground until interrupted (the queue and running jobs survive)."""
     import uvicorn
 
     from orchestrator.dispatcher import RayCluster
     from orchestrator.service_db import open_database
 
+    for name, value in MLFLOW_LIMITS.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     cluster = RayCluster(ray_address, installed=installed)
-    app = create_app(open_database(db_url), cluster, limits, ray_address=ray_address)
-    print(f"restorch serve: http://{host}:{port} (API docs at /docs), queue in {db_url}, Ray jobs on {ray_address}",
-          flush=True)
+    app = create_app(open_database(db_url), cluster, limits, policy, ray_address=ray_address)
+    print(f"restorch serve: http://{host}:{port} (API docs at /docs), queue in {db_url}, Ray jobs on {ray_address}; "
+          f"storage in {', '.join(policy.storage_roots)}, data from {', '.join(policy.data_roots) or 'nowhere'}, "
+          f"tracking on {', '.join(policy.tracking_uris) or 'none'}", flush=True)
     uvicorn.run(app, host=host, port=port)

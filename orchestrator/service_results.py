@@ -7,6 +7,9 @@
   when it ends (results.csv, best_spec.yaml); for an ablation also its paper-style table, rebuilt
   from MLflow (table.csv, table.md, table.tex).
 
+The spec given here is the one the service queued, which its policy (orchestrator/service_policy.py)
+holds to the service's storage and tracking server: nothing is read from an address that a spec in
+storage names (a sweep's stored spec.yaml gives its trials, never where its runs are tracked).
 Every value is plain JSON: non-finite floats (a diverged loss) become None.
 """
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from orchestrator.jobs import absolute_storage
 from orchestrator.results import sort_rows
 from orchestrator.spec import ExperimentSpec
 from orchestrator.storage import filesystem, read_text
 
 
 def experiment_folder(spec: ExperimentSpec) -> str:
-    return f"{spec.storage.path.rstrip('/')}/{spec.name}"
+    """The experiment's folder, as its job names it (the MLflow parent run's sweep tag)."""
+    return f"{absolute_storage(spec.storage.path).rstrip('/')}/{spec.name}"
 
 
 def jsonable(value: Any) -> Any:
@@ -51,7 +56,7 @@ def sweep_result(spec: ExperimentSpec) -> dict[str, Any] | None:
     from orchestrator.status import sweep_trials
 
     try:
-        _, rows = sweep_trials(experiment_folder(spec), spec.storage.endpoint_url)
+        _, rows = sweep_trials(experiment_folder(spec), spec.storage.endpoint_url, tracking_uri=spec.tracking.uri)
     except FileNotFoundError:
         return None
     ranked = sort_rows(rows, spec.search.metric, spec.search.mode)
@@ -73,14 +78,18 @@ def report_files(spec: ExperimentSpec) -> dict[str, str]:
 
 def ablation_tables(spec: ExperimentSpec) -> dict[str, str]:
     """An ended ablation's paper-style table (CSV, Markdown, LaTeX), rebuilt from its MLflow runs;
-    none before it has ended (its parent run is tagged as an ablation's when all variants are done)."""
+    none before it has ended (its parent run is tagged as an ablation's when all variants are done).
+    The parent run is found by this experiment's folder, never by name: another user's ablation may
+    have the same name."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.ablation import ABLATION_TAG
     from orchestrator.report import build_report, table_files
-    from orchestrator.tracking import resolve_uri
+    from orchestrator.tracking import SWEEP_TAG
 
-    try:
-        report = build_report(MlflowClient(resolve_uri(spec.tracking.uri)), spec.name)
-    except FileNotFoundError:
-        return {}
-    return table_files(report)
+    client = MlflowClient(spec.tracking.uri)
+    experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
+    where = f"tags.`{SWEEP_TAG}` = '{experiment_folder(spec)}' and tags.`{ABLATION_TAG}` = '{spec.name}'"
+    parents = client.search_runs([experiment.experiment_id], where, order_by=["attributes.start_time DESC"],
+                                 max_results=1) if experiment else []
+    return table_files(build_report(client, parents[0].info.run_id)) if parents else {}

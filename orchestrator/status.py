@@ -39,12 +39,16 @@ def list_sweeps(storage: str, endpoint_url: str | None = None) -> list[Row]:
     return rows
 
 
-def sweep_trials(folder: str, endpoint_url: str | None = None) -> tuple[ExperimentSpec, list[Row]]:
+def sweep_trials(folder: str, endpoint_url: str | None = None, *,
+                 tracking_uri: str | None = None) -> tuple[ExperimentSpec, list[Row]]:
     """The spec of the sweep stored in `folder` (`endpoint_url`: its S3-compatible store) and one row per
-    trial: Tune state, searched values, last iteration and metric, MLflow run status."""
+    trial: Tune state, searched values, last iteration and metric, MLflow run status (from `tracking_uri`
+    if given, as `restorch serve` does: not from a store the folder's spec names)."""
     spec = read_stored_spec(folder, endpoint_url)
     if spec is None:
         raise FileNotFoundError(f"no sweep in {folder} (it holds no spec.yaml); `restorch status` lists the sweeps")
+    if tracking_uri is not None:
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": tracking_uri})})
     mlflow_status = trial_statuses(spec, folder)
     rows = []
     for trial in _trials(folder, endpoint_url):
