@@ -71,6 +71,20 @@ def model_defaults(name: str) -> dict[str, Any]:
     return config
 
 
+def full_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option the model a config builds runs with: the config over the model's defaults (option
+    groups merged key by key); of the attention option groups, only the chosen attention's."""
+    defaults = model_defaults(config["name"])
+    chosen = config.get("attention", defaults.get("attention"))
+    options = {"name": config["name"]}
+    for key, value in {**defaults, **config}.items():
+        if "attention" in defaults and key in ATTENTIONS and key != chosen:
+            continue
+        default = defaults.get(key)
+        options[key] = {**default, **value} if isinstance(default, Mapping) and isinstance(value, Mapping) else value
+    return options
+
+
 def list_models() -> dict[str, dict[str, Any]]:
     return {name: model_defaults(name) for name in sorted(MODELS)}
 

@@ -1,10 +1,13 @@
 """One training job = one Ray Train `TorchTrainer` running workloads/train.py on every worker.
 
-`restorch train` runs a job directly; a sweep trial (orchestrator/sweep.py) builds the same trainer
-with the trial's config. Everything here runs on the driver; deepspeed is never imported here.
+`restorch train` runs a job directly, tracked in an MLflow run of its own; a sweep trial
+(orchestrator/sweep.py) builds the same trainer with the trial's config and child run. Either way rank 0
+logs to the run through orchestrator/trial_job.py. Everything here runs on the driver; deepspeed is
+never imported here.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -15,6 +18,9 @@ from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.timeline import mark
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# Tests: a fault (workloads/train.py: rank, at_iteration, marker) every job config gets, as JSON; it reaches
+# the jobs of sweep trials, which the tests cannot hand one otherwise.
+FAULT_ENV = "RESTORCH_TEST_FAULT"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 # Ray Train V2 settings of the embedded local Ray (each can be overridden from the environment).
 LOCAL_TRAIN_SETTINGS = {
@@ -35,6 +41,8 @@ def job_config(spec: ExperimentSpec, run_name: str, storage_path: str) -> dict[s
     config = pin_paths(spec).config()
     config["data"]["schedule"] = spec.data.schedule_config()
     config["run"] = {"name": run_name, "storage_path": storage_path}
+    if os.environ.get(FAULT_ENV):
+        config["fault"] = json.loads(os.environ[FAULT_ENV])
     return config
 
 
@@ -152,7 +160,7 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
 
 def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, storage: str,
                  callbacks: list[Any] | None = None, keep_all_checkpoints: bool = False) -> Any:
-    """The job's TorchTrainer; with `config["trial_run"]` (sweep trials), rank 0 also logs to MLflow.
+    """The job's TorchTrainer; with `config["trial_run"]` (a tracked job), rank 0 also logs to MLflow.
     `keep_all_checkpoints`: for pbt trials, whose checkpoints other trials may continue from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -184,10 +192,10 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
 
 
 def worker_entry(config: dict[str, Any]) -> Any:
-    """What each Ray Train worker runs: the training loop, or in a sweep trial (`config["trial_run"]`)
-    the loop with rank 0 logging to the trial's MLflow run. Imported here, in the worker: a module-level
-    import would make the processes that only build the trainer (the driver, a sweep's trial actors)
-    import the training recipe and MLflow's tracking client too."""
+    """What each Ray Train worker runs: the training loop, or in a tracked job (`config["trial_run"]`:
+    sweep trials, `restorch train`) the loop with rank 0 logging to the job's MLflow run. Imported here,
+    in the worker: a module-level import would make the processes that only build the trainer (the
+    driver, a sweep's trial actors) import the training recipe and MLflow's tracking client too."""
     mark("worker_started")
     if "trial_run" in config:
         from orchestrator.trial_job import tracked_train_loop as train_loop
@@ -197,13 +205,20 @@ def worker_entry(config: dict[str, Any]) -> Any:
     return train_loop(config)
 
 
-def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> Any:
-    """Run (or resume, if a run of the same name exists in storage) one training job; returns Ray's Result."""
-    preflight(spec, address, tracked=False)
+def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """Run (or resume, if a run of the same name exists in storage) one training job, tracked in an MLflow
+    run like a sweep trial (the same run when resumed); returns Ray's Result and the run's id."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import live_run_id, open_job_run
+
+    preflight(spec, address, tracked=True)
     storage = storage_path(spec)
     config = job_config(spec, spec.name, storage)
     if fault:
         config["fault"] = fault
+    tracking = config["trial_run"] = open_job_run(spec, f"{storage}/{spec.name}")
     init_ray(address)
     check_cluster_resources(spec)
-    return make_trainer(spec, config, name=spec.name, storage=storage).fit()
+    result = make_trainer(spec, config, name=spec.name, storage=storage).fit()
+    return result, live_run_id(MlflowClient(tracking["uri"]), tracking["run_id"])

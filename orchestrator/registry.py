@@ -30,7 +30,7 @@ from orchestrator.mlflow_keys import (CONV_GMACS, DATA_TAG, GIT_COMMIT_TAG, IMAG
                                       MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG,
                                       PARAMS_M, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SPEC_ARTIFACT,
                                       SOURCE_RUN_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
-from orchestrator.tracking import experiment_id, resolve_uri
+from orchestrator.tracking import get_or_create_experiment, resolve_uri
 
 TRAIN_SPEC_ARTIFACT = "registry/train_spec.yaml"
 EVALUATION_EXPERIMENT = "restorch-evaluations"
@@ -177,11 +177,14 @@ def _check_registrable(client: MlflowClient, run: Run, metric: str) -> None:
 
 
 def _spec_artifact(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    from orchestrator.spec import read_spec_yaml
+
     with tempfile.TemporaryDirectory() as folder:
         try:
-            return yaml.safe_load(Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text())
+            text = Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text()
         except (MlflowException, OSError):
             return None
+    return read_spec_yaml(text, f"{SPEC_ARTIFACT} of run {run_id}")
 
 
 def train_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:
@@ -427,7 +430,7 @@ def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float
     resolved = resolve_uri(uri)
     client = client_for(resolved)
     source = client.get_run(version.run_id)
-    run = client.create_run(experiment_id(client, EVALUATION_EXPERIMENT, resolved),
+    run = client.create_run(get_or_create_experiment(client, EVALUATION_EXPERIMENT, resolved),
                             run_name=f"eval-{version.name}-v{version.version}-{data.name}", tags={
         MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: record["model"],
         DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),

@@ -244,7 +244,7 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
     run_config = tune.RunConfig(
         name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
-        callbacks=[TrialStatusCallback(tracking),
+        callbacks=[TrialStatusCallback(tracking, spec.search.scheduler),
                    SweepProgress(spec.searched_keys(), task_metrics, trials=spec.trial_count(),
                                  iterations=spec.train.iterations)],
     )

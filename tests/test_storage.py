@@ -136,7 +136,7 @@ def test_train_job_checkpoints_to_s3_and_resumes_from_s3_alone(s3, s3_endpoint, 
 
     # A new Ray, nothing local: the second run finds its checkpoints in the bucket only.
     ray.shutdown()
-    result = run_job(spec)
+    result, _ = run_job(spec)
     assert result.metrics["resumed_from"] == 4  # the last committed checkpoint, not the partial folder
     assert result.metrics["iteration"] == 6
     assert result.metrics["checkpoint_path"] == f"s3://{BUCKET}/runs/s3job/checkpoint_0000006"

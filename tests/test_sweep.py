@@ -23,7 +23,8 @@ from orchestrator.cli import main
 from orchestrator.jobs import init_ray
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
-from orchestrator.tracking import EXPLOIT_TAG, STOPPED_TAG, TRIAL_TAG
+from orchestrator.mlflow_keys import EXPLOIT_TAG, STOPPED_AT_TAG, STOPPED_BY_TAG, TRIAL_TAG
+from orchestrator.status import sweep_trials
 from workloads.files import read_image, write_image
 from workloads.inference import restore
 
@@ -125,7 +126,8 @@ def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdi
 
 def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir):
     """Grid over GLMHA's alpha x lr in which lr 1.0 is hopeless: ASHA stops both such trials at its
-    first rung, long before the iteration budget; the embedded MLflow marks them KILLED. Tune's grid
+    first rung, long before the iteration budget; the embedded MLflow marks them FINISHED, stopped by asha
+    at that iteration, and `restorch status` says so. Tune's grid
     varies its alphabetically first key fastest, so both good trials run (and set the rungs' bars)
     before the hopeless ones start: asynchronous ASHA never stops the first trial at a rung."""
     raw = tiny_spec("asha", derain_data, {"model.glmha.alpha": {"grid": [0.4, 0.6]}, "train.lr": {"grid": [2e-3, 1.0]}},
@@ -136,9 +138,12 @@ def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir)
     assert all(row["iteration"] < 12 for row in by_lr[1.0]), outcome.report()
     assert any(row["status"] == "finished" for row in by_lr[2e-3]), outcome.report()
     _, children = sweep_runs(MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), "asha")
+    states = {row["trial"]: row["mlflow"] for row in sweep_trials(outcome.path)[1]}
     for row in by_lr[1.0]:
         run = children[row["trial"]]
-        assert run.info.status == "KILLED" and run.data.tags[STOPPED_TAG] == "true"
+        assert run.info.status == "FINISHED" and run.data.tags[STOPPED_BY_TAG] == "asha"
+        assert run.data.tags[STOPPED_AT_TAG] == str(row["iteration"])
+        assert states[row["trial"]] == f"stopped at {row['iteration']} (asha)"
     assert (workdir / "mlartifacts").is_dir()
 
 

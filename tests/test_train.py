@@ -148,13 +148,20 @@ def test_a_global_batch_that_does_not_split_is_refused(derain_data, tmp_path):
 @pytest.mark.slow
 def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     """2 Ray Train workers, ZeRO-2: worker 1 crashes once after the first checkpoint; Ray restarts
-    the group from that checkpoint; the job finishes and the model beats the rainy input."""
-    from orchestrator.jobs import run_job
+    the group from that checkpoint; the job finishes and the model beats the rainy input. The job is
+    tracked like a sweep trial: one MLflow run with params, each step's metrics once, the model's size,
+    the checkpoint location and the consolidated model."""
+    from mlflow.tracking import MlflowClient
 
+    from orchestrator.jobs import run_job
+    from orchestrator.mlflow_keys import CHECKPOINT_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_TAG
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = make_spec(derain_data, tmp_path, name="crash",
                      train={"iterations": 40, "val_every": 10, "checkpoint_every": 10, "log_every": 5},
-                     deepspeed={"zero_stage": 2}, resources={"num_workers": 2}, search={"keep_checkpoints": 10})
-    result = run_job(spec, fault={"rank": 1, "at_iteration": 15, "marker": str(tmp_path / "fault")})
+                     deepspeed={"zero_stage": 2}, resources={"num_workers": 2}, search={"keep_checkpoints": 10},
+                     tracking={"uri": store})
+    result, run_id = run_job(spec, fault={"rank": 1, "at_iteration": 15, "marker": str(tmp_path / "fault")})
 
     assert result.error is None
     assert (tmp_path / "fault").exists()  # the crash happened
@@ -167,6 +174,17 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
     assert history["psnr"].iloc[-1] > history["psnr"].iloc[0]
     assert (Path(result.checkpoint.path) / "model.pt").exists()
+
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "crash"
+    assert run.data.tags[JOB_TAG] == f"{tmp_path}/crash"
+    assert run.data.tags[CHECKPOINT_TAG] == metrics["checkpoint_path"] and run.data.tags[MODEL_TAG] == MODEL_ARTIFACT
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["model.ffn_expansion_factor"] == "2.66"
+    assert run.data.metrics["params_m"] > 0 and run.data.metrics["psnr"] == pytest.approx(metrics["psnr"])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "psnr")) == [10, 20, 30, 40]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "iteration")) == [1, 5, 10, 11, 15, 20, 25, 30, 35, 40]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"spec.yaml", "model"}
 
 
 def _deepspeed_fp32_weights(checkpoint: str) -> dict[str, torch.Tensor]:

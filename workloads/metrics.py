@@ -210,6 +210,8 @@ def spectral_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # protocol: which of the above a task reports, recorded with every result
 
 COLOR_SPACES = ("rgb", "y", "spectral")
+# Recorded with every result: raise it when a change to the protocols changes the numbers they give.
+PROTOCOL_VERSION = 1
 
 
 def _cube_batch(cube: np.ndarray) -> torch.Tensor:
@@ -259,6 +261,7 @@ class Protocol:
             "metrics": list(self.metrics),
             "crop_border": self.crop_border,
             "noise_sigma": self.noise_sigma,
+            "version": PROTOCOL_VERSION,
             "description": self.describe(),
         }
 

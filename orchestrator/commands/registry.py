@@ -72,28 +72,42 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    """The version tags, model options (the runs' model.* params) and final metrics in which two versions
+    differ, side by side; what they share is counted, not listed."""
     from orchestrator import registry
+    from orchestrator.mlflow_keys import MODEL_PREFIX
 
     client = registry.client_for(args.tracking_uri)
-    left = registry.get_version(client, registry.ModelReference(args.name, version=args.v1))
-    right = registry.get_version(client, registry.ModelReference(args.name, version=args.v2))
-    keys = sorted(set(left.tags) | set(right.tags))
-    width = max(len("tag"), *(len(k) for k in keys))
-    print(f"{'tag':<{width}}  {'v' + str(left.version):>34}  {'v' + str(right.version):>34}")
-    for key in keys:
-        a, b = left.tags.get(key, "-"), right.tags.get(key, "-")
-        print(f"{key:<{width}}  {a:>34}  {b:>34}{'' if a == b else '  *'}")
+    versions = [registry.get_version(client, registry.ModelReference(args.name, version=v)) for v in (args.v1, args.v2)]
+    runs = [client.get_run(version.run_id) for version in versions]
+    groups = {
+        "tag": [dict(version.tags) for version in versions],
+        "model option": [{k.removeprefix(MODEL_PREFIX): v for k, v in run.data.params.items() if k.startswith(MODEL_PREFIX)}
+                         for run in runs],
+        "metric": [{k: f"{v:.6g}" for k, v in run.data.metrics.items()} for run in runs],
+    }
+    rows, same = [], []
+    for group, (left, right) in groups.items():
+        differing = [key for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
+        rows += [(f"{group} {key}", left.get(key, "-"), right.get(key, "-")) for key in differing]
+        same.append(f"{len(set(left) | set(right)) - len(differing)} {group}s")
+    width = max([len("differs"), *(len(row[0]) for row in rows)])
+    print(f"{'differs':<{width}}  {'v' + str(versions[0].version):>34}  {'v' + str(versions[1].version):>34}")
+    for key, a, b in rows:
+        print(f"{key:<{width}}  {a:>34}  {b:>34}")
+    print(f"the same: {', '.join(same)}")
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from workloads.inference import output_pairs, restore_files
+
+    pairs = output_pairs(args.input, args.output, overwrite=args.overwrite)  # before the model is fetched
     from orchestrator import registry
-    from workloads.inference import restore_files
 
     with quiet_mlflow("restore"):
         network, version = registry.load_network(args.model, args.tracking_uri)
-    pairs = restore_files(network, args.input, args.output, tile=args.tile, overlap=args.overlap,
-                          self_ensemble=args.self_ensemble)
+    restore_files(network, pairs, tile=args.tile, overlap=args.overlap, self_ensemble=args.self_ensemble)
     print(f"restored {len(pairs)} image(s) with {version.name} v{version.version} -> {args.output}")
     return 0
 
@@ -122,7 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = tracking(commands.add_parser("show", help="tags and model card of NAME[@alias|/version]"))
     show.add_argument("reference")
     show.set_defaults(handler=_show)
-    compare = tracking(commands.add_parser("compare", help="two versions' tags side by side"))
+    compare = tracking(commands.add_parser("compare", help="the tags, model options and metrics two versions differ in"))
     compare.add_argument("name")
     compare.add_argument("v1")
     compare.add_argument("v2")
@@ -135,5 +149,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     restore.add_argument("--tile", type=int, help="tile size for large images (a multiple of 8)")
     restore.add_argument("--overlap", type=int, default=32)
     restore.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
+    restore.add_argument("--overwrite", action="store_true", help="replace existing output files (or the input itself)")
     restore.add_argument("--verbose", action="store_true", help=QUIET_MLFLOW_HELP)
     restore.set_defaults(handler=_restore)

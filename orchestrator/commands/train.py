@@ -14,15 +14,16 @@ def _train(args: argparse.Namespace) -> int:
     if spec.search_space:
         keys = ", ".join(d.key for d in spec.search_space)
         raise SpecError(f"{args.spec} has search-space entries ({keys}): run it with `restorch sweep`, or fix the values")
-    result = run_job(spec, address=args.address)
+    result, run_id = run_job(spec, address=args.address)
     if result.error:
-        print(f"restorch train: the job failed: {result.error}")
+        print(f"restorch train: the job failed: {result.error} (MLflow run {run_id})")
         return 1
     metrics = result.metrics or {}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(f"final metrics: {shown}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint.path} (consolidated weights: model.pt inside)")
+    print(f"MLflow run {run_id}; register it with `restorch register {run_id} --name NAME`")
     return 0
 
 
