@@ -67,11 +67,16 @@ def preflight(spec: ExperimentSpec, address: str | None, *, tracked: bool) -> No
     (`tracked`: sweeps) tracking that its nodes do not share (orchestrator/remote.py; the resources are
     checked once connected: `check_cluster_resources`); on the embedded local Ray, what this machine
     can never run."""
-    if address or os.environ.get(RAY_ADDRESS_ENV):
+    if on_cluster(address):
         check_for_cluster(spec, tracked=tracked)
         return
     check_local_resources(spec)
     spec.data.check_folders(spec.storage.endpoint_url)
+
+
+def on_cluster(address: str | None) -> bool:
+    """Whether a run connects to a Ray cluster (`--address` or $RAY_ADDRESS) rather than the embedded local Ray."""
+    return bool(address or os.environ.get(RAY_ADDRESS_ENV))
 
 
 def check_local_resources(spec: ExperimentSpec) -> None:

@@ -14,29 +14,7 @@ from ray import cloudpickle
 from ray.tune import Callback
 
 from orchestrator.console import console
-from orchestrator.results import format_table, format_value
-
-# where Ray Train and Tune keep the exception they wrap
-CAUSE_ATTRIBUTES = ("worker_failures", "controller_failure", "cause")
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception under Ray's wrappers: a task error's cause, a training job's first failed worker's
-    (or its controller's) exception."""
-    while True:
-        inner = next((getattr(error, name) for name in CAUSE_ATTRIBUTES if getattr(error, name, None)), None)
-        if isinstance(inner, dict):  # worker_failures: rank -> exception
-            inner = next(iter(inner.values()))
-        if not isinstance(inner, BaseException):
-            return error
-        error = inner
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: first line`, with the line after it when the first ends in ':' (a list of problems: the first)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+from orchestrator.results import format_table, format_value, one_line, root_cause
 
 
 def trial_error(trial: Any) -> str:

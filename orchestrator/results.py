@@ -1,6 +1,7 @@
 """Sweep results as rows: one per trial (its searched values, last validation metrics, model size,
-wall time, how it ended), sorted by the search metric; printed as a table, written as CSV; the best
-trial and, for multi-objective searches, the Pareto set.
+wall time, how it ended and, for a failed trial, its exception in one line), sorted by the search
+metric; printed as a table, written as CSV; the best trial and, for multi-objective searches, the
+Pareto set.
 """
 from __future__ import annotations
 
@@ -14,12 +15,34 @@ from orchestrator.spec import PROFILE_METRICS, ExperimentSpec
 
 Row = dict[str, Any]
 
+# where Ray Train and Tune keep the exception they wrap
+CAUSE_ATTRIBUTES = ("worker_failures", "controller_failure", "cause")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception under Ray's wrappers: a task error's cause, a training job's first failed worker's
+    (or its controller's) exception."""
+    while True:
+        inner = next((getattr(error, name) for name in CAUSE_ATTRIBUTES if getattr(error, name, None)), None)
+        if isinstance(inner, dict):  # worker_failures: rank -> exception
+            inner = next(iter(inner.values()))
+        if not isinstance(inner, BaseException):
+            return error
+        error = inner
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line`, with the line after it when the first ends in ':' (a list of problems: the first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
 
 def result_columns(spec: ExperimentSpec, task_metrics: list[str]) -> list[str]:
     """The results table: trial, how it ended, searched values (pbt: the last ones), last validation
-    metrics, size, wall time."""
+    metrics, size, wall time, the error of a failed trial."""
     return ["trial", "status", *spec.searched_keys(), "iteration", "loss", *task_metrics,
-            *PROFILE_METRICS[:2], "wall_s"]
+            *PROFILE_METRICS[:2], "wall_s", "error"]
 
 
 def trial_rows(grid: Any, spec: ExperimentSpec, task_metrics: list[str]) -> list[Row]:
@@ -29,7 +52,8 @@ def trial_rows(grid: Any, spec: ExperimentSpec, task_metrics: list[str]) -> list
         metrics = {**(result.metrics or {}), **(result.config or {})}  # none if it never reported
         metrics["wall_s"] = metrics.get("time_total_s")
         row: Row = {column: metrics.get(column) for column in result_columns(spec, task_metrics)}
-        row.update(trial=metrics.get("trial_id") or Path(result.path).name, status=_status(result, spec))
+        row.update(trial=metrics.get("trial_id") or Path(result.path).name, status=_status(result, spec),
+                   error=None if result.error is None else one_line(root_cause(result.error)))
         if metrics.get("diverged"):  # Tune saw the worst score (orchestrator/sweep.py); the run's value was nan
             row.update({name: None for name in spec.objectives() if name in row})
         rows.append(row)

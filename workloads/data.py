@@ -293,6 +293,24 @@ def check_dataset(root: Path, task: Task, *, patch_size: int | None = None) -> l
     return [scan_source(source, task, patch_size=patch_size) for source in find_sources(root, task)]
 
 
+def dataset_source(root: Path, task: Task, split: str | None = None) -> Source:
+    """The split a job reads from `root`: `split`, or the only one there."""
+    sources = {source.split: source for source in find_sources(root, task)}
+    if split is None and len(sources) > 1:
+        raise DatasetError(f"{root} holds several splits ({', '.join(sources)}): give one split's folder (or split=)")
+    if split is not None and split not in sources:
+        raise DatasetError(f"{root} has no split {split!r}; it holds: {', '.join(sources) or '(root only)'}")
+    return sources[split] if split is not None else next(iter(sources.values()))
+
+
+def check_job_dataset(root: Path, task: Task, *, patch_size: int | None = None) -> int:
+    """Every problem a training job would meet reading `root` as one dataset (as `PairedDataset` does,
+    every file decoded), raised as one `DatasetError`; else the number of pairs."""
+    scan = scan_source(dataset_source(root, task), task, patch_size=patch_size)
+    scan.raise_for_problems()
+    return len(scan.pairs)
+
+
 # ------------------------------------------------------------------------------------------------
 # training schedule and sampling
 
@@ -393,13 +411,7 @@ class PairedDataset(Dataset):
 
     def __init__(self, root: Path, task: Task, *, split: str | None = None, patch_size: int | None = None,
                  seed: int = 0, cache: Path | None = None) -> None:
-        sources = {source.split: source for source in find_sources(root, task)}
-        if split is None and len(sources) > 1:
-            raise DatasetError(f"{root} holds several splits ({', '.join(sources)}): choose one with split=")
-        if split is not None and split not in sources:
-            raise DatasetError(f"{root} has no split {split!r}; it holds: {', '.join(sources) or '(root only)'}")
-        source = sources[split] if split is not None else next(iter(sources.values()))
-        scan = scan_source(source, task, patch_size=patch_size, cache=cache)
+        scan = scan_source(dataset_source(root, task, split), task, patch_size=patch_size, cache=cache)
         scan.raise_for_problems()
         self.task, self.pairs, self.seed, self.decoded = task, scan.pairs, seed, scan.decoded
 

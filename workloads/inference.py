@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from models.layers import pad_to_multiple
 from workloads.files import IMAGE_SUFFIXES, image_bit_depth, read_image, write_image
+from workloads.outputs import check_output_file, check_output_folder
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -112,23 +113,28 @@ def run_self_ensemble(forward: Forward, image: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
-def restore_files(model: torch.nn.Module, source: Path, destination: Path, **options: Any) -> list[tuple[Path, Path]]:
-    """Restore an image file, or every image of a folder into a folder (same names), keeping each
-    image's bit depth (8 or 16). `options` go to `restore` (tile, overlap, self_ensemble)."""
+def output_pairs(source: Path, destination: Path, *, overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(input, output) paths for an image file, or for every image of a folder into a folder (same
+    names); refuses outputs that would replace a file without `overwrite`, or land in the input folder."""
     if source.is_dir():
         inputs = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not inputs:
             raise ValueError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        destination.mkdir(parents=True, exist_ok=True)
-        pairs = [(path, destination / path.name) for path in inputs]
-    elif source.is_file():
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        pairs = [(source, destination)]
-    else:
-        raise FileNotFoundError(f"{source} does not exist")
+        check_output_folder(destination, option="--output", names=[path.name for path in inputs], inputs=[source],
+                            overwrite=overwrite)
+        return [(path, destination / path.name) for path in inputs]
+    if source.is_file():
+        check_output_file(destination, option="--output", inputs=[source], overwrite=overwrite)
+        return [(source, destination)]
+    raise FileNotFoundError(f"{source} does not exist")
+
+
+def restore_files(model: torch.nn.Module, pairs: list[tuple[Path, Path]], **options: Any) -> None:
+    """Restore each (input, output) image pair of `output_pairs`, keeping each image's bit depth (8 or
+    16). `options` go to `restore` (tile, overlap, self_ensemble)."""
     multiple = getattr(model, "size_multiple", 8)
     for src, dst in tqdm(pairs, desc="restoring", unit="image", disable=len(pairs) == 1):
         image = torch.from_numpy(read_image(src).transpose(2, 0, 1).copy())[None]
         output = restore(model, image, multiple=multiple, **options)[0].numpy().transpose(1, 2, 0)
+        dst.parent.mkdir(parents=True, exist_ok=True)
         write_image(dst, output, bit_depth=image_bit_depth(src) if dst.suffix.lower() in (".png", ".tif", ".tiff") else 8)
-    return pairs

@@ -21,6 +21,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 from workloads.files import write_cube, write_image
+from workloads.outputs import check_output_folder
 from workloads.tasks import Task
 
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {  # colour photographs bundled with scikit-image
@@ -216,8 +217,7 @@ def write_dataset(out: Path, task: Task, *, count: int, size: int, seed: int = 0
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty: choose another --out or delete it first")
+    check_output_folder(out, option="--out", overwrite=None)
     n_val = min(count - 1, max(1, round(count * val_fraction)))
     for i in range(count):
         rng = np.random.default_rng([seed, i])

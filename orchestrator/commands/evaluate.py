@@ -8,6 +8,7 @@ from pathlib import Path
 
 from orchestrator.commands import QUIET_MLFLOW_HELP
 from orchestrator.console import quiet_mlflow
+from workloads.outputs import check_output_file
 from workloads.tasks import TASKS, Task, get_task
 
 
@@ -61,6 +62,8 @@ def format_result(result: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, option="--json", overwrite=args.overwrite)
     if args.model:
         if not args.data or args.pred or args.target:
             raise ValueError("--model takes --data DIR (a dataset folder), not --pred/--target")
@@ -91,5 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--task", required=True, choices=list(TASKS), help="fixes the protocol (e.g. Y channel for deraining)")
     evaluate.add_argument("--sigma", type=float, help="gaussian_denoising noise level the results were made at (recorded)")
     evaluate.add_argument("--json", type=Path, help="also write the result record (with its protocol) to this file")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     evaluate.add_argument("--verbose", action="store_true", help=f"with --model: {QUIET_MLFLOW_HELP}")
     evaluate.set_defaults(handler=_evaluate)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from orchestrator.console import console
+from workloads.outputs import check_output_folder
 
 DEFAULT_REPORTS = "reports"
 
@@ -24,13 +25,17 @@ def _report(args: argparse.Namespace) -> int:
     from orchestrator.tracking import resolve_uri
 
     report = build_report(MlflowClient(resolve_uri(args.tracking_uri)), args.ablation)
-    print_report(write_report(report, args.out or Path(DEFAULT_REPORTS) / report.name))
+    folder = args.out or Path(DEFAULT_REPORTS) / report.name
+    check_output_folder(folder, option="--out", overwrite=args.overwrite)
+    print_report(write_report(report, folder))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser("report", help="rebuild an ablation's report (tables, plots, HTML) from MLflow alone")
     report.add_argument("ablation", metavar="NAME|RUN_ID", help="the ablation's name (its latest run) or parent run id")
-    report.add_argument("--out", type=Path, help=f"report folder (default {DEFAULT_REPORTS}/NAME)")
+    report.add_argument("--out", type=Path, help=f"report folder, new or empty (default {DEFAULT_REPORTS}/NAME)")
+    report.add_argument("--overwrite", action="store_true", help="write into a --out folder that is not empty "
+                                                                 "(replacing a report there)")
     report.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     report.set_defaults(handler=_report)

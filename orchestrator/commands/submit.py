@@ -6,13 +6,16 @@ import argparse
 from datetime import datetime
 
 from orchestrator.commands import SPEC_HELP
+from orchestrator.data_preflight import check_spec_data
 from orchestrator.recipes import spec_file
+from orchestrator.spec import load_spec
 from orchestrator.submit import KINDS, connect, follow, submit_spec
 
 ADDRESS_HELP = "the head's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)"
 
 
 def _submit(args: argparse.Namespace) -> int:
+    check_spec_data(load_spec(spec_file(args.spec)), cluster=True)  # the data paths this machine sees too
     client, job_id = submit_spec(spec_file(args.spec), kind=args.kind, address=args.address, installed=args.installed)
     print(f"submitted {job_id}")
     if not args.follow:

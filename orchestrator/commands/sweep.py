@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.jobs import absolute_storage
+from orchestrator.data_preflight import check_spec_data
+from orchestrator.jobs import absolute_storage, on_cluster
 from orchestrator.results import format_table
 from orchestrator.commands import SPEC_HELP, VERBOSE_HELP
 from orchestrator.console import console
@@ -26,17 +27,20 @@ def mlflow_ui_command(uri: str) -> str:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import read_stored_spec, run_sweep
-
     if (args.spec is None) == (args.resume is None):
         raise SpecError("give a spec file to run (or resume) a sweep, or --resume NAME for a sweep in storage")
     if args.resume:
+        from orchestrator.sweep import read_stored_spec
+
         spec = read_stored_spec(f"{absolute_storage(args.storage)}/{args.resume}", args.endpoint_url)
         if spec is None:
             raise FileNotFoundError(f"no sweep {args.resume!r} in {args.storage}; `restorch status --storage "
                                     f"{args.storage}` lists the sweeps there")
     else:
         spec = load_spec(spec_file(args.spec))
+    check_spec_data(spec, cluster=on_cluster(args.address))
+    from orchestrator.sweep import run_sweep  # Ray, Tune, MLflow: seconds
+
     outcome = run_sweep(spec, address=args.address, yes=args.yes)
     console.print(outcome.report())
     console.print(f"MLflow: {mlflow_ui_command(outcome.spec.tracking.uri or '')}")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.jobs import run_job
+from orchestrator.data_preflight import check_spec_data
+from orchestrator.jobs import on_cluster, run_job
 from orchestrator.commands import SPEC_HELP
 from orchestrator.recipes import spec_file
 from orchestrator.spec import SpecError, load_spec
@@ -14,6 +15,7 @@ def _train(args: argparse.Namespace) -> int:
     if spec.search_space:
         keys = ", ".join(d.key for d in spec.search_space)
         raise SpecError(f"{args.spec} has search-space entries ({keys}): run it with `restorch sweep`, or fix the values")
+    check_spec_data(spec, cluster=on_cluster(args.address))
     result, run_id = run_job(spec, address=args.address)
     if result.error:
         print(f"restorch train: the job failed: {result.error} (MLflow run {run_id})")
