@@ -2,13 +2,24 @@
 
 The loop in workloads/train.py only needs its rank, the checkpoint to resume from, and a way to
 report metrics (with an optional checkpoint directory); both sessions provide exactly that.
+
+The checkpoint to resume from is the newest intact one: a checkpoint whose files are damaged (a
+torch-saved file that is not a whole zip archive, or whose records fail their CRC check) or cannot be
+fetched is named in the log and the one before it is tried, then the one before that.
 """
 from __future__ import annotations
 
+import posixpath
 import shutil
 import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+# A checkpoint: where it is (for the log) and how to fetch it into a local folder.
+Candidate = tuple[str, Callable[[str], Any]]
+CHECKPOINT_PREFIX = "checkpoint_"  # workloads/train.py names checkpoints checkpoint_{iteration:07d}
 
 
 class RayTrainSession:
@@ -23,9 +34,21 @@ class RayTrainSession:
         self.world_size = context.get_world_size()
 
     def resume_directory(self) -> tempfile.TemporaryDirectory | None:
-        """A local copy of the last reported checkpoint, or None for a fresh start."""
+        """A local copy of the newest intact reported checkpoint, or None for a fresh start."""
         checkpoint = self._train.get_checkpoint()
-        return None if checkpoint is None else local_copy(checkpoint)
+        return None if checkpoint is None else newest_intact(self._candidates(checkpoint), self.rank)
+
+    def _candidates(self, latest: Any) -> Iterator[Candidate]:
+        """The latest checkpoint, then the older ones kept beside it in the run's storage, newest first."""
+        yield latest.path, latest.to_directory
+        from pyarrow.fs import FileSelector, FileType
+
+        folder, name = posixpath.split(latest.path)
+        found = latest.filesystem.get_file_info(FileSelector(folder))
+        older = sorted((info.path for info in found if info.type == FileType.Directory
+                        and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < name), reverse=True)
+        for path in older:
+            yield path, self._train.Checkpoint(path, filesystem=latest.filesystem).to_directory
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         if checkpoint_dir is None:
@@ -35,11 +58,43 @@ class RayTrainSession:
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
 
 
-def local_copy(checkpoint: Any) -> tempfile.TemporaryDirectory:
-    """A local copy of a Ray checkpoint (wherever it is stored), removed with the returned directory."""
-    local = tempfile.TemporaryDirectory(prefix="restorch-resume-")
-    checkpoint.to_directory(local.name)
-    return local
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be loaded (a damaged or missing file), or None."""
+    files = sorted(Path(directory).rglob("*.pt"))
+    if not files:
+        return "it holds no checkpoint files"
+    for path in files:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"{path.relative_to(directory)} is damaged ({error})"
+        if bad is not None:
+            return f"{path.relative_to(directory)} is damaged (its record {bad} fails the CRC check)"
+    return None
+
+
+def newest_intact(candidates: Iterable[Candidate], rank: int) -> tempfile.TemporaryDirectory:
+    """A local copy of the first intact checkpoint of `candidates` (newest first); each damaged one is
+    named in the log. Raises if none is intact, naming each checkpoint and its problem."""
+    problems = []
+    for location, fetch in candidates:
+        local = tempfile.TemporaryDirectory(prefix="restorch-resume-")
+        try:
+            fetch(local.name)
+            problem = checkpoint_problem(Path(local.name))
+        except OSError as error:  # gone from storage, unreadable
+            problem = f"it cannot be fetched ({error})"
+        if problem is None:
+            if problems and rank == 0:
+                print(f"[restorch] resuming from {location}", flush=True)
+            return local
+        local.cleanup()
+        problems.append(f"{location}: {problem}")
+        if rank == 0:
+            print(f"[restorch] checkpoint {location} is unusable: {problem}; trying the one before it", flush=True)
+    raise RuntimeError("no intact checkpoint to resume from: " + "; ".join(problems) + ". Delete the run's folder "
+                       "to start over")
 
 
 class LocalSession:
@@ -54,11 +109,14 @@ class LocalSession:
         self.checkpoints: list[Path] = []
 
     def resume_directory(self) -> tempfile.TemporaryDirectory | None:
+        """A local copy of the newest intact checkpoint from `resume_from` back (the older ones beside it)."""
         if self.resume_from is None:
             return None
-        local = tempfile.TemporaryDirectory(prefix="restorch-resume-")
-        shutil.copytree(self.resume_from, local.name, dirs_exist_ok=True)
-        return local
+        latest = Path(self.resume_from)
+        older = sorted((path for path in latest.parent.glob(f"{CHECKPOINT_PREFIX}*") if path.name < latest.name),
+                       reverse=True)
+        return newest_intact(((str(path), lambda into, path=path: shutil.copytree(path, into, dirs_exist_ok=True))
+                              for path in [latest, *older]), self.rank)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         self.reports.append(dict(metrics))

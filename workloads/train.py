@@ -34,7 +34,7 @@ from models import build_model
 from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule, load_datasets, training_loader
 from workloads.metrics import mrae, over_sets
 from workloads.schedule import lr_factor
-from workloads.session import LocalSession, RayTrainSession, local_copy
+from workloads.session import LocalSession, RayTrainSession, newest_intact
 from workloads.tasks import Task, get_task
 
 CHECKPOINT_TAG = "state"
@@ -80,7 +80,7 @@ def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession
     resume = session.resume_directory()
     donor = config.get("run", {}).get("init_from")
     if resume is None and donor is not None:  # a pbt trial's new job: the state of the trial it continues
-        resume = local_copy(donor)
+        resume = newest_intact([(donor.path, donor.to_directory)], rank)
     if resume is not None:
         with resume as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
