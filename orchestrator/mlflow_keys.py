@@ -27,6 +27,7 @@ STOPPED_AT_TAG = "restorch.stopped_at"  # ... at this iteration
 PROTOCOL_TAG = "restorch.protocol"  # the task's metric protocol, described
 PROTOCOL_VERSION_TAG = "restorch.protocol_version"
 DATA_TAG = "restorch.data"  # the validation data the metrics come from (folders, and digests of remote sets)
+MACHINE_TAG = "restorch.machine"  # where rank 0 ran (host, CPU or GPU): the machine the timings were measured on
 
 # tags of evaluation runs (restorch evaluate --model)
 MODEL_NAME_TAG = "restorch.model_name"

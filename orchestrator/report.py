@@ -16,6 +16,7 @@ on any machine pointed at the tracking server:
       the training loop logs it, then the metric itself: the loop's mean over the sets
   images_per_s: the median of each run's training reports, mean over the runs
   cpu_hours (gpu_hours with use_gpu): the run's wall time x the CPUs (GPUs) of its workers, mean
+  machine: the machines its runs' timings were measured on (their MACHINE_TAG), "; "-separated
 `write_report` writes table.csv (numbers at full precision and nothing time-dependent, so that a
 rebuild is byte-identical), table.md, table.tex, report.html and the plots (report_formats.py,
 report_plots.py); `publish_report` logs them to the parent run under `report/`.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.ablation import ABLATION_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.mlflow_keys import MACHINE_TAG
 from orchestrator.results import Row, to_csv
 from orchestrator.spec import PROFILE_METRICS, ExperimentSpec, load_spec_text
 from orchestrator.tracking import PARENT_TAG
@@ -41,6 +43,7 @@ from orchestrator.tracking import PARENT_TAG
 LOWER_IS_BETTER = ("mrae", "rmse", "loss")
 CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE = "table.csv", "table.md", "table.tex", "report.html"
 REPORT_ARTIFACTS = "report"  # the folder of the parent run's artifacts that holds the report
+UNKNOWN_MACHINE = "unknown (not recorded)"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -62,6 +65,7 @@ class Report:
     rows: list[Row]  # one per variant, baseline first
     columns: list[str]  # the CSV columns
     curves: dict[str, list[dict[str, Curve]]]  # variant label -> per finished run: metric -> its history
+    machines: list[str] = field(default_factory=list)  # where the timings were measured, every row's
 
     @property
     def name(self) -> str:
@@ -161,6 +165,9 @@ def _variant_row(report: Report, variant: Variant, runs: list[Run], throughput: 
     row["images_per_s"] = _mean([statistics.median(value for _, value in curve) for curve in throughput if curve])
     row[report.hours_key] = _mean([(run.info.end_time - run.info.start_time) / 3.6e6 * _devices(report.spec)
                                    for run in runs])
+    machines = sorted({run.data.tags.get(MACHINE_TAG, UNKNOWN_MACHINE) for run in runs})
+    report.machines = sorted({*report.machines, *machines})
+    row["machine"] = "; ".join(machines) or None
     return row
 
 
@@ -189,7 +196,7 @@ def build_report(client: MlflowClient, reference: str) -> Report:
     report = Report(spec, parent.info.run_id, metrics, metric_columns, [], columns, {})
     if report.trained:
         report.columns += [*(key for column in metric_columns for key in (column.key, f"{column.key}_std")),
-                           "images_per_s", report.hours_key]
+                           "images_per_s", report.hours_key, "machine"]
     finished: dict[str, list[Run]] = {}
     # a fixed order of each variant's runs: the same sums, to the last bit, whenever the report is rebuilt
     for run in sorted(child_runs(client, parent.info.run_id), key=lambda run: (run.info.start_time, run.info.run_id)):

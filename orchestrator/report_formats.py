@@ -3,8 +3,10 @@
 One row per variant: Method (the label; the baseline marked), Factor (when there are several),
 FLOPs (G) and Params (M) with their Δ% vs the baseline, the task's metrics (mean ± std over seeds;
 with several validation sets: per set, then their average), training images/s and CPU/GPU-hours.
-The best value of each column is bold. Cells are formatted here, from the report's rows
-(orchestrator/report.py), with a fixed number of decimals per column.
+A column's best value is bold only when it beats the runner-up by more than the seeds' standard
+deviation (`best_value`); the timings are never bold, and a note names the machines they were measured
+on. Cells are formatted here, from the report's rows (orchestrator/report.py), with a fixed number of
+decimals per column.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from orchestrator.results import Row
 
 METRIC_FORMATS = {"psnr": ".2f"}  # other metrics (ssim, mrae, rmse): ".4f"
 BASELINE_MARK = " (baseline)"
+TIMING_MARK = " †"  # a timing column's header: the note on the machines they were measured on
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "α": r"$\alpha$", "β": r"$\beta$",
-                "Δ": r"$\Delta$", "±": r"$\pm$", "×": r"$\times$", "→": r"$\rightarrow$"}
+                "Δ": r"$\Delta$", "±": r"$\pm$", "×": r"$\times$", "→": r"$\rightarrow$", "†": r"\dag{}"}
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Column:
     key: str  # the row's key
     header: str
     fmt: str  # format spec of the value
-    better: str  # "max" or "min": which value is marked best
+    better: str | None  # "max" or "min": which value may be marked best; None: never (timings)
     delta: bool = False  # followed by (Δ% vs the baseline), from key_delta_pct
     spread: bool = False  # followed by ± std over seeds, from key_std
 
@@ -51,17 +54,28 @@ def table_columns(report: Report) -> list[Column]:
         columns += [Column(key, f"{val_set} {metric.upper()}" if val_set else average + metric.upper(),
                            METRIC_FORMATS.get(metric, ".4f"), better(metric), spread=True)
                     for key, metric, val_set in report.metric_columns]
-        columns += [Column("images_per_s", "Train img/s", ".1f", "max"),
-                    Column(report.hours_key, "GPU-h" if report.hours_key == "gpu_hours" else "CPU-h", ".3g", "min")]
+        hours = "GPU-h" if report.hours_key == "gpu_hours" else "CPU-h"
+        columns += [Column("images_per_s", "Train img/s" + TIMING_MARK, ".1f", None),
+                    Column(report.hours_key, hours + TIMING_MARK, ".3g", None)]
     return columns
 
 
-def _best(rows: list[Row], column: Column) -> float | None:
-    """The column's best value; None when there is nothing to choose (all values equal)."""
-    values = [row[column.key] for row in rows if row.get(column.key) is not None]
-    if len(set(values)) < 2:
+def best_value(rows: list[Row], column: Column) -> float | None:
+    """The value the column marks best, or None. It must beat the runner-up (the best of the other rows)
+    by more than the seeds' standard deviation, the larger of the two rows' (FLOPs and Params vary with
+    no seed: by anything). A metric from one seed has no spread to beat, so it is marked only as the
+    column's only value. Timings are never marked."""
+    if column.better is None:
         return None
-    return max(values) if column.better == "max" else min(values)
+    measured = sorted((row for row in rows if row.get(column.key) is not None), key=lambda row: row[column.key],
+                      reverse=column.better == "max")
+    if len(measured) < 2:
+        return measured[0][column.key] if measured else None
+    best, runner_up = measured[0], measured[1]
+    spreads = [row.get(f"{column.key}_std") for row in (best, runner_up)] if column.spread else [0.0]
+    if None in spreads:
+        return None
+    return best[column.key] if abs(best[column.key] - runner_up[column.key]) > max(spreads) else None
 
 
 def cells(report: Report) -> tuple[list[str], list[list[Cell | str]]]:
@@ -70,7 +84,7 @@ def cells(report: Report) -> tuple[list[str], list[list[Cell | str]]]:
     columns = table_columns(report)
     with_factor = len({row["factor"] for row in report.rows if not row["baseline"]}) > 1
     headers = ["Method", *(["Factor"] if with_factor else []), *(column.header for column in columns)]
-    best = {column.key: _best(report.rows, column) for column in columns}
+    best = {column.key: best_value(report.rows, column) for column in columns}
     table: list[list[Cell | str]] = []
     for row in report.rows:
         line: list[Cell | str] = [row["variant"] + (BASELINE_MARK if row["baseline"] else "")]
@@ -97,7 +111,7 @@ def caption(report: Report) -> str:
         if ablation.seeds:
             parts.append(f"mean ± std over {len(ablation.seeds)} seeds")
     return ("; ".join(parts) + ". FLOPs: conv MACs at 1×3×256×256 (the papers' convention); Δ% vs the baseline; "
-            "best per column in bold.")
+            "bold: a column's best, where it beats the runner-up by more than the seeds' standard deviation.")
 
 
 def notes(report: Report) -> list[str]:
@@ -110,9 +124,14 @@ def notes(report: Report) -> list[str]:
         lines += [f"Metrics: the final validation of each run; protocol: {protocol.describe()}.",
                   *(["Average: the mean over the validation sets, each set weighing the same."]
                     if report.val_sets else []),
+                  "Bold: a column's best value, where it beats the runner-up by more than the seeds' standard "
+                  "deviation (the larger of the two); a metric from one seed is not marked (no spread is known).",
                   "Train img/s: the median of each run's training reports, averaged over its runs.",
                   f"{'GPU' if report.hours_key == 'gpu_hours' else 'CPU'}-h: each run's wall time (Ray Train start-up "
-                  "included) times the devices of its workers, averaged over its runs."]
+                  "included) times the devices of its workers, averaged over its runs.",
+                  f"{TIMING_MARK.strip()} Timings measured on {'; '.join(report.machines) or 'unknown machines'}: "
+                  "they depend on the machine and on what else ran on it, so they are never marked best and compare "
+                  "only within one machine."]
     lines.append(f"Built from MLflow run {report.parent_run_id} (restorch report {report.name}).")
     return lines
 

@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 
 from models.profile import size_metrics
 from models.registry import full_options
-from orchestrator.mlflow_keys import (CHECKPOINT_TAG, DATA_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG,
+from orchestrator.mlflow_keys import (CHECKPOINT_TAG, DATA_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG,
                                       PROTOCOL_VERSION_TAG)
 from orchestrator.tracking import flatten, live_run_id, log_params, numeric_metrics, restart_history
 from workloads.metrics import PROTOCOL_VERSION
 from workloads.session import RayTrainSession
 from workloads.tasks import get_task
-from workloads.train import CONSOLIDATED_MODEL, run_training, stop_iteration
+from workloads.train import CONSOLIDATED_MODEL, machine_name, run_training, stop_iteration
 
 
 class TrackedSession:
@@ -62,13 +62,15 @@ def run_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_tags(config: dict[str, Any]) -> dict[str, str]:
-    """What the run's metrics mean: the task's metric protocol (and its version), the validation data."""
+    """What the run's metrics mean: the task's metric protocol (and its version), the validation data, the
+    machine (this one: rank 0's) that the timings are measured on."""
     task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
     val = config["data"]["val"]
     data = ", ".join(f"{name}: {folder}" for name, folder in val.items()) if isinstance(val, dict) else str(val)
     digests = config["data"].get("digests")
     return {PROTOCOL_TAG: task.protocol.describe(), PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
-            DATA_TAG: f"{data}; digests {_digests(digests)}" if digests else data}
+            DATA_TAG: f"{data}; digests {_digests(digests)}" if digests else data,
+            MACHINE_TAG: machine_name(config["resources"]["use_gpu"])}
 
 
 def _digests(digests: dict[str, str]) -> str:

@@ -22,10 +22,13 @@ from servers import BIN
 
 from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
 from orchestrator.cli import main
+from orchestrator.mlflow_keys import MACHINE_TAG
 from orchestrator.report import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report
+from orchestrator.report_formats import Column, best_value, markdown_table
 from orchestrator.spec import parse_spec
 from orchestrator.tracking import PARENT_TAG, open_sweep_run
 from workloads.metrics import over_sets
+from workloads.train import machine_name
 
 PLOTS = ("pareto", "delta", "curves")
 HOUR_MS = 3_600_000
@@ -101,7 +104,7 @@ def log_trial(client: MlflowClient, tracking: dict[str, str], variant: Variant, 
     validation (iteration 4), loss and throughput histories, one hour long."""
     run = client.create_run(tracking["experiment_id"], start_time=1000, tags={
         PARENT_TAG: tracking["parent_run_id"], VARIANT_TAG: variant.label, FACTOR_TAG: variant.factor,
-        SEED_TAG: str(seed)})
+        SEED_TAG: str(seed), MACHINE_TAG: machine_name(use_gpu=False)})
     history = [Metric(key, value, 0, 4) for key, value in metrics.items()]
     history += [Metric("loss", 1 / step, 0, step) for step in (2, 4)]
     history += [Metric("images_per_s", value, 0, step) for step, value in ((2, 1.0), (4, 3.0), (6, 20.0))]
@@ -143,9 +146,33 @@ def test_report_numbers_from_mlflow(tmp_path: Path) -> None:
     assert {path.name for path in folder.iterdir()} == {CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE,
                                                         *(f"{plot}.{kind}" for plot in PLOTS for kind in ("png", "svg"))}
     markdown = (folder / MARKDOWN_FILE).read_text()
-    assert "| CSA (baseline) |" in markdown and "**24.15 ± 0.07**" in markdown  # FFN x1.5: the best PSNR
+    assert "| CSA (baseline) |" in markdown and "**24.15 ± 0.07**" in markdown  # FFN x1.5: the best PSNR by 1 dB
+    assert f"† Timings measured on {machine_name(use_gpu=False)}: they depend on the machine" in markdown
+    assert all(row["machine"] == machine_name(use_gpu=False) for row in csv_rows(folder))
+    report.rows[0]["images_per_s"] = 30.0  # by far the fastest: a timing is still not marked
+    report.rows[3]["psnr"] = 24.10  # FFN x2 within the seeds' spread of FFN x1.5: no PSNR marked
+    table = markdown_table(report)
+    assert "| 30.0 |" in table and "**30.0**" not in table
+    assert "24.15 ± 0.07" in table and "**24.15" not in table
     check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=8)  # Method, Factor, FLOPs ... CPU-h
     assert open_in_chromium(folder / HTML_FILE, tmp_path) == {"images": "ok,ok,ok"}
+
+
+@pytest.mark.parametrize("values, spread, expected", [
+    ([(24.15, 0.07), (24.10, 0.07), (23.0, 0.07)], True, None),  # the lead (0.05) is within the spread
+    ([(24.15, 0.03), (24.10, 0.07), (23.0, 0.01)], True, None),  # ... within the runner-up's
+    ([(24.15, 0.01), (24.10, 0.01), (23.0, 0.01)], True, 24.15),
+    ([(24.15, None), (24.10, None)], True, None),  # one seed: no spread known
+    ([(24.15, None), (None, None)], True, 24.15),  # the only value
+    ([(24.15, 0.5), (24.15, 0.5)], True, None),  # a tie
+    ([(1.30, None), (1.31, None)], False, 1.30),  # FLOPs: no seeds, any lead
+])
+def test_best_is_marked_only_beyond_the_spread(values: list[tuple[float | None, float | None]], spread: bool,
+                                               expected: float | None) -> None:
+    rows = [{"psnr": value, "psnr_std": std, "conv_gmacs": value} for value, std in values]
+    column = Column("psnr", "PSNR", ".2f", "max", spread=True) if spread else Column("conv_gmacs", "FLOPs (G)", ".2f", "min")
+    assert best_value(rows, column) == expected
+    assert best_value(rows, Column("psnr", "Train img/s", ".1f", None)) is None  # timings: never
 
 
 def test_report_columns_per_validation_set(tmp_path: Path) -> None:
@@ -184,7 +211,7 @@ def test_report_columns_per_validation_set(tmp_path: Path) -> None:
         assert all(float(written[key]) == row[key] for key in keys)
     markdown = (folder / MARKDOWN_FILE).read_text()
     assert ("| Method | Factor | FLOPs (G) | Params (M) | Rain100L PSNR | Rain100L SSIM | Rain100H PSNR | Rain100H SSIM "
-            "| Average PSNR | Average SSIM | Train img/s | CPU-h |") in markdown
+            "| Average PSNR | Average SSIM | Train img/s † | CPU-h † |") in markdown
     assert "metrics on Rain100L, Rain100H" in markdown and "Average: the mean over the validation sets" in markdown
     csa = next(line for line in markdown.splitlines() if line.startswith("| CSA (baseline) |"))
     assert all(cell in csa for cell in ("30.15 ± 0.07", "20.21 ± 0.10", "25.18 ± 0.09")), csa
@@ -231,6 +258,9 @@ def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slot
         for key in ("psnr", "ssim", "conv_gmacs", "params_m", "total_gmacs"):
             assert float(row[key]) == metrics[key], (row["variant"], key)
         assert row["runs"] == "1" and float(row["images_per_s"]) > 0 and float(row["cpu_hours"]) > 0
+        assert row["machine"] == machine_name(use_gpu=False)  # where the trial's worker ran: this machine
+    markdown = (folder / MARKDOWN_FILE).read_text()
+    assert f"† Timings measured on {machine_name(use_gpu=False)}" in markdown and "| Train img/s † |" in markdown
     check_latex((folder / LATEX_FILE).read_text(), rows=5, columns=8)
     assert open_in_chromium(folder / HTML_FILE, tmp_path) == {"images": "ok,ok,ok"}
     artifacts = {item.path for item in client.list_artifacts(parent[0].info.run_id, "report")}

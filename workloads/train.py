@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import random
 import resource
 import socket
@@ -310,6 +311,17 @@ def restore_rng(path: Path) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def machine_name(use_gpu: bool) -> str:
+    """This machine as a report names it: host, then its GPUs or its CPU model and count."""
+    if use_gpu and torch.cuda.is_available():
+        return f"{socket.gethostname()}: {torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    cpu = models[0] if models else platform.processor() or platform.machine()
+    return f"{socket.gethostname()}: {cpu}, {os.cpu_count()} CPUs"
 
 
 def peak_memory_mb(device: torch.device) -> float:
