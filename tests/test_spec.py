@@ -12,11 +12,14 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.spec import DataSpec, SpecError, parse_spec, resolve_trial
+from workloads.synth import write_dataset
+from workloads.tasks import get_task
 
 
 def base_spec(tmp_path: Path, **sections: Any) -> dict[str, Any]:
-    for split in ("train", "val"):
-        (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
+    """A valid tiny sweep spec over a real dataset (the data check runs before the sweep's other checks)."""
+    if not (tmp_path / "data").exists():
+        write_dataset(tmp_path / "data", get_task("deraining"), count=4, size=16)
     spec = {
         "name": "glmha-sweep",
         "model": {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1,
