@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from orchestrator.remote import check_for_cluster, forwarded_env
+from orchestrator.remote import check_for_cluster, check_shared_tracking, forwarded_env
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.timeline import mark
 
@@ -210,20 +210,39 @@ def worker_entry(config: dict[str, Any]) -> Any:
     return train_loop(config)
 
 
-def run_job(spec: ExperimentSpec, *, address: str | None = None, fault: dict[str, Any] | None = None) -> tuple[Any, str]:
+def run_job(spec: ExperimentSpec, *, address: str | None = None,
+            fault: dict[str, Any] | None = None) -> tuple[Any, str | None]:
     """Run (or resume, if a run of the same name exists in storage) one training job, tracked in an MLflow
-    run like a sweep trial (the same run when resumed); returns Ray's Result and the run's id."""
+    run like a sweep trial (the same run when resumed); returns Ray's Result and the run's id. On a cluster
+    whose nodes share no tracking store (no MLflow server, e.g. a service that runs train jobs only) the
+    job runs untracked, says why, and the id is None."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import live_run_id, open_job_run
 
-    preflight(spec, address, tracked=True)
+    preflight(spec, address, tracked=False)
     storage = storage_path(spec)
     config = job_config(spec, spec.name, storage)
     if fault:
         config["fault"] = fault
-    tracking = config["trial_run"] = open_job_run(spec, f"{storage}/{spec.name}")
+    untracked = unshared_tracking(spec, address)
+    if untracked:
+        print(f"[restorch] this job is not tracked in MLflow: {untracked}", flush=True)
+    else:
+        config["trial_run"] = open_job_run(spec, f"{storage}/{spec.name}")
     init_ray(address)
     check_cluster_resources(spec)
     result = make_trainer(spec, config, name=spec.name, storage=storage).fit()
-    return result, live_run_id(MlflowClient(tracking["uri"]), tracking["run_id"])
+    tracking = config.get("trial_run")
+    return result, tracking and live_run_id(MlflowClient(tracking["uri"]), tracking["run_id"])
+
+
+def unshared_tracking(spec: ExperimentSpec, address: str | None) -> str | None:
+    """Why the job's nodes cannot log to its tracking store (a cluster, a store on one node's disk), or None."""
+    if not (address or os.environ.get(RAY_ADDRESS_ENV)):
+        return None
+    try:
+        check_shared_tracking(spec.tracking.uri)
+    except SpecError as error:
+        return str(error)
+    return None

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.mlflow_keys import (CONV_GMACS, DATA_TAG, GIT_COMMIT_TAG, IMAGES_PER_S, JOB_TAG, MODEL_ARTIFACT,
                                       MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG,
                                       PARAMS_M, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SPEC_ARTIFACT,
-                                      SOURCE_RUN_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
+                                      SOURCE_RUN_TAG, STOPPED_BY_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
 from orchestrator.tracking import get_or_create_experiment, resolve_uri
 
 TRAIN_SPEC_ARTIFACT = "registry/train_spec.yaml"
@@ -119,7 +119,7 @@ def _top_level_runs(client: MlflowClient, name: str | None = None) -> list[Run]:
 
 def best_child(client: MlflowClient, parent: Run, metric: str, mode: str) -> Run:
     candidates = [run for run in _children(client, parent)
-                  if run.info.status == "FINISHED" and metric in run.data.metrics and MODEL_TAG in run.data.tags]
+                  if run.info.status == "FINISHED" and metric in run.data.metrics and STOPPED_BY_TAG not in run.data.tags]
     if not candidates:
         raise RegistryError(
             f"sweep run {parent.info.run_id} ({parent.info.run_name}) has no trial that finished training with "

@@ -145,6 +145,20 @@ def test_a_global_batch_that_does_not_split_is_refused(derain_data, tmp_path):
         make_spec(derain_data, tmp_path, data={**GROWING_BATCH, "batch_sizes": [4, 6]}, resources={"num_workers": 4})
 
 
+def test_a_job_runs_untracked_only_on_a_cluster_that_shares_no_tracking_store(derain_data, tmp_path, monkeypatch):
+    """`restorch train` is tracked, except on a cluster whose nodes could not reach its store (a SQLite file on
+    one node): there it runs untracked, saying why, as a service without an MLflow server runs train jobs."""
+    from orchestrator.jobs import unshared_tracking
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = make_spec(derain_data, tmp_path)
+    assert unshared_tracking(spec, None) is None
+    assert "a store on one node's disk" in unshared_tracking(spec, "http://head:8265")
+    served = make_spec(derain_data, tmp_path, tracking={"uri": "http://mlflow.example:5000"})
+    assert unshared_tracking(served, "http://head:8265") is None
+
+
 @pytest.mark.slow
 def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     """2 Ray Train workers, ZeRO-2: worker 1 crashes once after the first checkpoint; Ray restarts

@@ -18,14 +18,15 @@ def _train(args: argparse.Namespace) -> int:
     check_spec_data(spec, cluster=on_cluster(args.address))
     result, run_id = run_job(spec, address=args.address)
     if result.error:
-        print(f"restorch train: the job failed: {result.error} (MLflow run {run_id})")
+        print(f"restorch train: the job failed: {result.error}" + (f" (MLflow run {run_id})" if run_id else ""))
         return 1
     metrics = result.metrics or {}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(f"final metrics: {shown}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint.path} (consolidated weights: model.pt inside)")
-    print(f"MLflow run {run_id}; register it with `restorch register {run_id} --name NAME`")
+    if run_id:
+        print(f"MLflow run {run_id}; register it with `restorch register {run_id} --name NAME`")
     return 0
 
 
