@@ -106,7 +106,7 @@ def format_table(rows: list[Row], columns: list[str]) -> str:
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def to_csv(rows: list[Row], columns: list[str]) -> str:
