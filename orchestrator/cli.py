@@ -7,12 +7,15 @@ assembles them. A handler returns an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
 
 from orchestrator.commands import command_modules
 from orchestrator.console import console
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # reported as such
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -40,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # FileNotFoundError with a message naming the problem and the fix: print it, no traceback.
         print(f"restorch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"restorch {args.command}: error: {err}", file=sys.stderr)  # a full or failing disk: no traceback
+        return 1
 
 
 if __name__ == "__main__":

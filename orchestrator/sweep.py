@@ -25,8 +25,10 @@ file, and starts a new job (`{trial id}-g{n}`) from the strong trial's job check
 
 Layout in storage: `{storage}/{name}/` is Tune's experiment folder, plus `spec.yaml` (the spec the
 sweep was started with), `jobs/{trial id}/checkpoint_*` (each trial's job; pbt trials may add
-`jobs/{trial id}-g{n}`) and, at the end, `results.csv` and `best_spec.yaml` (the best trial
-as a spec for `restorch train`).
+`jobs/{trial id}-g{n}`), `reports/{trial id}/` (each validation report Tune got, from which a resume
+rebuilds the scheduler: orchestrator/sweep_resume.py), `sweep.lock` (one driver at a time:
+orchestrator/sweep_lock.py) and, at the end, `results.csv` and `best_spec.yaml` (the best trial as a
+spec for `restorch train`).
 
 Resources: a trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
 embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs.
@@ -34,10 +36,15 @@ A cluster joined with `--address` must define `trial_slot` itself.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,7 @@ import ray.train
 import yaml
 from ray import tune
 
+from orchestrator.cli import STORAGE_ERRNOS
 from orchestrator.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
 from orchestrator.console import console
 from orchestrator.progress import SweepProgress
@@ -54,6 +62,8 @@ from orchestrator.results import Row, format_table, pareto_front, result_columns
 from orchestrator.spec import (Domain, ExperimentSpec, SpecError, check_trial_limit, load_spec_text, mutation_domains,
                                resolve_trial)
 from orchestrator.storage import filesystem, ray_storage, read_text, write_text
+from orchestrator.sweep_lock import sweep_lock
+from orchestrator.sweep_resume import REBUILT_SCHEDULERS, check_resumable, rebuild, reports_to_replay, stored_reports
 from orchestrator.timeline import mark
 from orchestrator.tracking import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_store, open_sweep_run,
                                    open_trial_run, resolve_uri)
@@ -61,6 +71,7 @@ from orchestrator.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"
 SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
+JOBS_DIR = "jobs"
 LOG_FILE = "sweep.log"  # what the driver's process writes besides restorch's lines (orchestrator/console.py)
 POINTER_FILE = "train_checkpoint.json"  # a pbt trial's Tune checkpoint: which job checkpoint it stands for
 
@@ -101,23 +112,29 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[str, str], jobs_path: str,
-              validation_metric: str) -> None:
-    """Tune function trainable: one trial = one Ray Train job with the trial's values."""
+def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[str, str], folder: str,
+              validation_metric: str, stopped: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: one trial = one Ray Train job with the trial's values. `stopped`: the
+    trials the scheduler had stopped before a resume, with their last report (orchestrator/sweep_resume.py)."""
     mark("trial_started")
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    if trial_id in stopped:  # stopped where the interrupted sweep stopped it: report that, run nothing
+        tune.report({**stopped[trial_id], "done": True})
+        return
     spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}))
     run_id, finished = open_trial_run(tracking, trial_id, context.get_trial_name())
     if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
         tune.report({**finished, "done": True})  # done: no scheduler acts on it (pbt would restart it)
         return
+    jobs_path = f"{folder}/{JOBS_DIR}"
     config = job_config(spec, trial_id, jobs_path)
     config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id}
     if spec.search.scheduler == "pbt":
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
-    callback = TrialReportCallback(validation_metric, spec.objectives())
+    callback = TrialReportCallback(validation_metric, spec.objectives(), trial_id=trial_id,
+                                   sweep=filesystem(folder, spec.storage.endpoint_url))
     mark("trial_job_submitted")
     make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
 
@@ -193,14 +210,16 @@ def _search_algorithm(spec: ExperimentSpec) -> Any:
 
     sampler = TPESampler(seed=spec.train.seed)
     if search.algorithm == "optuna":
-        searcher = OptunaSearch(sampler=sampler)
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
     else:
-        objectives = search.objectives or {}
+        objectives = spec.objectives()
         searcher = OptunaSearch(metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
 def _scheduler(spec: ExperimentSpec) -> Any:
+    """The scheduler, given the metric it ranks by itself (not through TuneConfig): a resumed sweep's scheduler
+    is rebuilt from the stored reports before Tune gets it (orchestrator/sweep_resume.py)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     search = spec.search
@@ -208,10 +227,11 @@ def _scheduler(spec: ExperimentSpec) -> Any:
         return FIFOScheduler()
     if search.scheduler == "pbt":  # a list of values: PBT moves to a neighbouring value, a range: scales or redraws
         mutations = {d.key: d.values if d.kind == "choice" else tune_domain(d) for d in mutation_domains(search)}
-        return PopulationBasedTraining(time_attr="iteration", perturbation_interval=search.perturbation_interval,
+        return PopulationBasedTraining(time_attr="iteration", metric=search.metric, mode=search.mode,
+                                       perturbation_interval=search.perturbation_interval,
                                        hyperparam_mutations=mutations, quantile_fraction=search.quantile_fraction,
                                        resample_probability=search.resample_probability, synch=search.synch)
-    return ASHAScheduler(time_attr="iteration", max_t=spec.train.iterations,
+    return ASHAScheduler(time_attr="iteration", metric=search.metric, mode=search.mode, max_t=spec.train.iterations,
                          grace_period=spec.search.grace_period * spec.train.val_every,
                          reduction_factor=spec.search.reduction_factor)
 
@@ -226,19 +246,18 @@ def read_stored_spec(folder: str, endpoint_url: str | None = None) -> Experiment
     return None if text is None else load_spec_text(text, f"{folder}/{SPEC_FILE}")
 
 
-def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str) -> Any:
-    trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, jobs_path=f"{folder}/jobs",
-                                     validation_metric=validation_metric)
+def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str,
+               stopped: dict[str, dict[str, Any]]) -> Any:
+    trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, folder=folder,
+                                     validation_metric=validation_metric, stopped=stopped)
     return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})
 
 
 def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str]) -> Any:
     search = spec.search
-    single = search.algorithm != "optuna_multi"
-    tune_config = tune.TuneConfig(
+    tune_config = tune.TuneConfig(  # no metric here: the searcher and the scheduler are given theirs
         search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
-        metric=search.metric if single else None,
-        mode=search.mode if single else None, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )
     storage_path, storage_filesystem = ray_storage(spec.storage.path, spec.storage.endpoint_url)
     run_config = tune.RunConfig(
@@ -276,13 +295,19 @@ def _check_trial_slots() -> None:
 
 
 def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = False) -> SweepOutcome:
-    """Run the sweep, or resume it when a sweep of the same name is in storage."""
-    from workloads.tasks import get_task
-
+    """Run the sweep, or resume it when a sweep of the same name is in storage; one driver at a time
+    (orchestrator/sweep_lock.py). A full or failing storage is reported as such (OSError with its errno)."""
     check_trial_limit(spec, yes=yes)
     preflight(spec, address, tracked=True)
     spec = _pinned(spec)
     folder = f"{spec.storage.path}/{spec.name}"
+    with _storage_errors(folder), sweep_lock(folder, spec.storage.endpoint_url):
+        return _drive(spec, folder, address)
+
+
+def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutcome:
+    from workloads.tasks import get_task
+
     stored = read_stored_spec(folder, spec.storage.endpoint_url)
     if stored is not None and stored.as_written() != spec.as_written():
         raise SpecError(f"name: a different sweep named {spec.name!r} is in {folder}; rename this one, "
@@ -302,25 +327,98 @@ def run_sweep(spec: ExperimentSpec, *, address: str | None = None, yes: bool = F
     _check_trial_slots()
     storage_path, storage_filesystem = ray_storage(folder, spec.storage.endpoint_url)
     resume = tune.Tuner.can_restore(storage_path, storage_filesystem=storage_filesystem)
+    stopped, scheduler = _resumed_scheduler(spec, folder) if resume else ({}, None)
     tracking = open_sweep_run(spec, folder, resume=resume)
-    trainable = _trainable(spec, tracking, folder, task_metrics[0])
-    if resume:
-        console.print(f"resuming sweep {spec.name} from {folder}")
-        tuner = tune.Tuner.restore(storage_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_filesystem)
-    else:
-        write_text(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
-        tuner = _new_tuner(spec, trainable, tracking, task_metrics)
-    mark("driver_tuner_started")
-    grid = tuner.fit()
+    try:
+        trainable = _trainable(spec, tracking, folder, task_metrics[0], stopped)
+        if resume:
+            console.print(f"resuming sweep {spec.name} from {folder}")
+            tuner = tune.Tuner.restore(storage_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=storage_filesystem)
+            if scheduler is not None:  # Tuner.restore takes none: it would go on with the one pickled at the start
+                tuner._local_tuner._tune_config.scheduler = scheduler
+        else:
+            write_text(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
+            tuner = _new_tuner(spec, trainable, tracking, task_metrics)
+        mark("driver_tuner_started")
+        grid = tuner.fit()
+        failure = next((cause for error in grid.errors if (cause := _storage_cause(error))), None)
+        if failure is not None:
+            raise failure
 
-    rows = trial_rows(grid, spec, task_metrics)
-    columns = result_columns(spec, task_metrics)
-    pareto = pareto_front(rows, spec.search.objectives) if spec.search.algorithm == "optuna_multi" else []
-    outcome = SweepOutcome(spec, folder, rows, columns, pareto, errors=sum(row["status"] == "error" for row in rows),
-                           parent_run_id=tracking["parent_run_id"])
-    _finish(outcome, tracking)
+        rows = trial_rows(grid, spec, task_metrics)
+        missing = 0 if spec.search.time_budget_s else max(0, spec.trial_count() - len(rows))
+        if missing > 0:
+            console.print(f"sweep {spec.name}: {missing} of its {spec.trial_count()} trials are not in Tune's state "
+                          f"in {folder} (lost while it was written?); counted as errors")
+        columns = result_columns(spec, task_metrics)
+        pareto = pareto_front(rows, spec.search.objectives) if spec.search.algorithm == "optuna_multi" else []
+        outcome = SweepOutcome(spec, folder, rows, columns, pareto,
+                               errors=sum(row["status"] == "error" for row in rows) + missing,
+                               parent_run_id=tracking["parent_run_id"])
+        _finish(outcome, tracking)
+    except BaseException:
+        _close_failed(tracking)
+        raise
     return outcome
+
+
+def _resumed_scheduler(spec: ExperimentSpec, folder: str) -> tuple[dict[str, dict[str, Any]], Any]:
+    """For a resume: the trials the interrupted sweep's scheduler stopped (id -> last report) and a scheduler
+    rebuilt to the state it had (None: keep Tune's); refuses what cannot be resumed as it was."""
+    from ray.tune import ExperimentAnalysis
+
+    fs, path = filesystem(folder, spec.storage.endpoint_url)
+    try:
+        trials = ExperimentAnalysis(path, storage_filesystem=fs).trials
+    except Exception as err:
+        raise SpecError(f"the saved Tune state of sweep {spec.name} in {folder} cannot be read ({type(err).__name__}: "
+                        f"{err}); move the folder aside and run the sweep again") from err
+    started = bool(fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{JOBS_DIR}", allow_not_found=True)))
+    check_resumable(spec, folder, trials, started=started)
+    if spec.search.scheduler not in REBUILT_SCHEDULERS:
+        return {}, None
+    reports = reports_to_replay(spec, stored_reports(fs, path), {trial.trial_id for trial in trials})
+    scheduler = _scheduler(spec)
+    return rebuild(scheduler, reports), scheduler
+
+
+def _close_failed(tracking: dict[str, str]) -> None:
+    """The parent run ends FAILED when the driver fails (its original error is what the user sees)."""
+    try:
+        close_sweep_run(tracking, failed=True, files={}, best={})
+    except Exception as err:  # noqa: BLE001 - the driver's own error matters more
+        console.print(f"MLflow: the sweep's parent run {tracking['parent_run_id']} could not be closed FAILED: {err}")
+
+
+def _storage_cause(error: BaseException) -> OSError | None:
+    """A full or failing disk behind `error` (its chain, Ray's wrapped causes, or a worker's message), as an
+    OSError with that errno; None if there is none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        if os.strerror(errno.ENOSPC) in str(error):  # a worker's error, as text
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
+    return None
+
+
+@contextmanager
+def _storage_errors(folder: str) -> Iterator[None]:
+    """A full or failing storage is raised as an OSError naming its errno (ENOSPC ...) and the sweep's folder,
+    not as whatever it broke next (a truncated pickle read back, a Ray error)."""
+    try:
+        yield
+    except Exception as err:
+        cause = _storage_cause(err)
+        if cause is None:
+            raise
+        name = errno.errorcode.get(cause.errno, "?")
+        free = "" if "://" in folder else f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there now)"
+        raise OSError(cause.errno, f"{os.strerror(cause.errno)} ({name}) while running the sweep stored in {folder}"
+                                   f"{free}; free space (or fix the disk), then run the same command to resume") from err
 
 
 def _finish(outcome: SweepOutcome, tracking: dict[str, str]) -> None:
