@@ -23,8 +23,9 @@ again under a new id, which trains from scratch, so only reports of trials Tune 
 
 Schedulers: fifo keeps no state; asha's state (each rung's recorded scores) comes from results alone and is
 rebuilt exactly. pbt is not rebuilt: its state also holds the exploitations it made (which trial continued
-which checkpoint, with what mutated values) and its random draws, which no report records. A pbt sweep that
-had started training refuses to resume (`check_resumable`) rather than continue another population.
+which checkpoint, with what mutated values) and its random draws, which no report records. A sweep whose
+scheduler is not rebuilt (pbt, or one added later) refuses to resume once it has started training
+(`check_resumable`) rather than go on differently.
 
 Known gap: a report whose checkpoint Ray Train committed just before the driver died, before the report was
 stored, is neither in the record nor re-run (the job resumes after that checkpoint); ASHA then misses that
@@ -45,6 +46,7 @@ from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.trial_reports import REPORTS_DIR
 
 REBUILT_SCHEDULERS = ("fifo", "asha")
+UNREBUILT_STATE = {"pbt": "the exploitations it made and its random draws"}  # why, for the refusal
 SAME_ID_SEARCHES = ("random", "grid")  # Tune's BasicVariantGenerator: a lost trial comes back under its id
 
 
@@ -96,8 +98,8 @@ def reports_to_replay(spec: ExperimentSpec, reports: list[StoredReport], restore
 
 def check_resumable(spec: ExperimentSpec, folder: str, trials: list[Any], *, started: bool) -> None:
     """Refuse to resume what cannot go on as it was: trials Tune saved without all their values (state written
-    while storage was full or failing), or a pbt sweep that had started training (`started`: a job is in
-    storage) and not finished every trial. `trials`: Tune's saved trials."""
+    while storage was full or failing), or a sweep whose scheduler is not rebuilt (pbt) that had started
+    training (`started`: a job is in storage) and not finished every trial. `trials`: Tune's saved trials."""
     searched = spec.searched_keys()
     for trial in trials:
         missing = [key for key in searched if (trial.config or {}).get(key) is None]
@@ -106,9 +108,11 @@ def check_resumable(spec: ExperimentSpec, folder: str, trials: list[Any], *, sta
                             f"{', '.join(missing)} (written while storage was full or failing?); a resume would run it "
                             f"without them. Move {folder} aside and run the sweep again")
     finished = sum((trial.last_result or {}).get("iteration", 0) >= spec.train.iterations for trial in trials)
-    if spec.search.scheduler == "pbt" and started and finished < spec.trial_count():
+    scheduler = spec.search.scheduler
+    if scheduler not in REBUILT_SCHEDULERS and started and finished < spec.trial_count():
+        what = UNREBUILT_STATE.get(scheduler, "its decisions so far")
         raise SpecError(
-            f"sweep {spec.name} uses scheduler pbt, whose state Tune does not save and restorch cannot rebuild "
-            "from the stored results (the exploitations it made and its random draws): resumed, it would go on "
-            f"with another population than the interrupted sweep. Its trials so far stay in {folder}; run the "
-            f"spec again under a new name (or remove {folder}) to start the sweep over")
+            f"sweep {spec.name} uses scheduler {scheduler}, whose state Tune does not save and restorch cannot "
+            f"rebuild from the stored results ({what}): resumed, it would not go on as the interrupted sweep "
+            f"would have. Its trials so far stay in {folder}; run the spec again under a new name (or remove "
+            f"{folder}) to start the sweep over")
