@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.service_db import Token
 
 PREFIX = "rst"
+TOKEN_ID_PATTERN = r"^[0-9a-f]{12}\Z"  # secrets.token_hex(6)
 USER_PATTERN = r"^[a-z0-9_-]{1,64}\Z"  # also a folder name: the user's storage prefix (orchestrator/service_policy.py)
 
 
@@ -60,8 +61,8 @@ def authenticate(sessions: sessionmaker[Session], token: str) -> Caller | None:
     """The caller a token belongs to, or None for a malformed or unknown token."""
     prefix, _, rest = token.partition("_")
     token_id, _, secret = rest.partition("_")
-    if prefix != PREFIX or not token_id or not secret:
-        return None
+    if prefix != PREFIX or not re.match(TOKEN_ID_PATTERN, token_id) or not secret:
+        return None  # a malformed id never reaches the database (PostgreSQL refuses a NUL in it)
     with sessions() as session:
         stored = session.get(Token, token_id)
     if stored is None or not hmac.compare_digest(stored.digest, _digest(stored.salt, secret)):

@@ -60,6 +60,9 @@ def test_bad_inputs_get_a_4xx(queue_db, tmp_path):
     for params in ({"user": "a\x00b"}, {"user": "x" * 300}, {"status": "\x00"}, {"limit": "1e400"}):
         response = service.get("/experiments", "admin", **params)
         assert 400 <= response.status_code < 500, f"{params}: {response.status_code} {response.text[:300]}"
+    for token in ("rst_a\x00b_c", f"rst_{'a' * 300}_c", "rst_0123456789ab_\x00"):
+        response = service.client.get("/experiments", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, f"{token!r}: {response.status_code} {response.text[:300]}"
     assert [e["name"] for e in service.get("/experiments").json()] == ["long-data"]
 
 
