@@ -29,7 +29,8 @@ scheduler is not rebuilt (pbt, or one added later) refuses to resume once it has
 
 Known gap: a report whose checkpoint Ray Train committed just before the driver died, before the report was
 stored, is neither in the record nor re-run (the job resumes after that checkpoint); ASHA then misses that
-trial at that rung if the iteration is one. The window is the callback's one small write.
+trial at that rung if the iteration is one. The window runs from Ray Train's controller registering the
+checkpoint to the callback's write, a few milliseconds of the controller's own work.
 """
 from __future__ import annotations
 

@@ -34,10 +34,14 @@ def sweep(workdir: Path, data: Path) -> subprocess.Popen:
                     search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1},
                     storage={"path": str(workdir / "runs")})
     (workdir / "spec.yaml").write_text(yaml.safe_dump(raw))
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     with open(workdir / "driver.log", "a") as log:
-        return subprocess.Popen([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=workdir, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=workdir, env=driver_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def driver_env() -> dict[str, str]:
+    """An embedded Ray and the MLflow store in the working directory, whatever this process has."""
+    return {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
 
 
 def finish(driver: subprocess.Popen, workdir: Path) -> dict[float, tuple[str, float]]:
@@ -91,8 +95,8 @@ def test_a_killed_asha_sweep_resumes_to_the_same_answer(derain_data, tmp_path):
         driver = sweep(workdir, derain_data)
         wait_until(driver, workdir, lambda: ready(workdir), what)
         if index == 0:  # the same sweep started again meanwhile refuses at once, naming the running driver
-            second = subprocess.run([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=workdir, capture_output=True,
-                                    text=True, timeout=120)
+            second = subprocess.run([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=workdir, env=driver_env(),
+                                    capture_output=True, text=True, timeout=120)
             assert second.returncode == 2 and f"another driver (pid {driver.pid} on " in second.stderr, second.stderr
         kill(driver, workdir)
         resumed = finish(sweep(workdir, derain_data), workdir)
