@@ -121,6 +121,7 @@ def test_train_job_checkpoints_to_s3_and_resumes_from_s3_alone(s3, s3_endpoint, 
         "data": {"train": str(derain_data / "train"), "val": str(derain_data / "val"), "patch_size": 32, "batch_size": 2},
         "train": {"iterations": 6, "val_every": 2, "checkpoint_every": 2, "log_every": 2, "max_failures": 0},
         "storage": {"path": f"s3://{BUCKET}/runs", "endpoint_url": s3_endpoint},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},  # the job's MLflow run, not in the working folder
     })
     # The first run fails at iteration 5: checkpoints 2 and 4 are committed.
     with pytest.raises(TrainingFailedError):
@@ -136,9 +137,16 @@ def test_train_job_checkpoints_to_s3_and_resumes_from_s3_alone(s3, s3_endpoint, 
 
     # A new Ray, nothing local: the second run finds its checkpoints in the bucket only.
     ray.shutdown()
-    result, _ = run_job(spec)
+    result, run_id = run_job(spec)
     assert result.metrics["resumed_from"] == 4  # the last committed checkpoint, not the partial folder
     assert result.metrics["iteration"] == 6
     assert result.metrics["checkpoint_path"] == f"s3://{BUCKET}/runs/s3job/checkpoint_0000006"
     assert "runs/s3job/checkpoint_0000006/model.pt" in keys(s3, "runs/s3job/checkpoint_0000006/")
     assert result.checkpoint.path == f"{BUCKET}/runs/s3job/checkpoint_0000006"
+    # both runs of the job are one MLflow run, each iteration logged once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("s3job").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "iteration")) == [1, 2, 4, 5, 6]
