@@ -263,8 +263,11 @@ def test_resume_after_the_driver_is_killed(ray_address, derain_data, workdir, ml
             assert len(client.get_metric_history(run.info.run_id, "iteration")) == history_before[trial]
     interrupted = [run for trial, run in children.items() if progress.get(trial, ("", 0))[0] == "RUNNING"]
     assert interrupted
-    for run in interrupted:  # continued from a checkpoint, not from scratch
+    for run in interrupted:  # continued from a checkpoint, not from scratch, each step logged once
         assert max(m.value for m in client.get_metric_history(run.info.run_id, "resumed_from")) >= 3
+        for key in ("iteration", "loss", "psnr"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (key, sorted(steps))
 
     # The same spec again: the finished sweep is found in storage and nothing runs again.
     again = subprocess.run([RESTORCH, "sweep", str(spec_file)], cwd=workdir, env=env, capture_output=True, text=True,
