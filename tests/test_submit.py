@@ -12,6 +12,7 @@ from conftest import TINY_RESTORMER
 from orchestrator.cli import main
 from orchestrator.remote import FORWARDED_ENV, check_for_cluster
 from orchestrator.service import ExperimentIn, validate_submission
+from orchestrator.service_policy import ServicePolicy
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.submit import resolve_address, runtime_env
 from servers import BIN, free_port
@@ -116,10 +117,12 @@ def test_the_service_refuses_what_the_cluster_nodes_would_not_share(derain_data,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = {"name": "served", "model": TINY_RESTORMER, "task": "deraining",
            "data": {"train": str(derain_data / "train"), "val": str(derain_data / "val")},
-           "train": {"lr": {"grid": [1.0e-3, 2.0e-3]}}, "storage": {"path": "s3://b/p"}}
-    with pytest.raises(SpecError, match="restorch tracking up"):
-        validate_submission(ExperimentIn(kind="sweep", spec=raw))
-    served = validate_submission(ExperimentIn(kind="sweep", spec={**raw, "tracking": {"uri": SHARED_TRACKING}}))
+           "train": {"lr": {"grid": [1.0e-3, 2.0e-3]}}, "storage": {"path": "s3://b/p/alice/served"}}
+    untracked = ServicePolicy.create(["s3://b/p"], [str(derain_data)])
+    with pytest.raises(SpecError, match="has no MLflow server"):
+        validate_submission(ExperimentIn(kind="sweep", spec=raw), untracked, "alice")
+    tracked = ServicePolicy.create(["s3://b/p"], [str(derain_data)], [SHARED_TRACKING])
+    served = validate_submission(ExperimentIn(kind="sweep", spec=raw), tracked, "alice")
     assert served.tracking.uri == SHARED_TRACKING
 
 
