@@ -1,4 +1,5 @@
-"""The database of `restorch serve` (SQLAlchemy 2): the experiment queue and the API tokens.
+"""The database of `restorch serve` (SQLAlchemy 2): the experiment queue, the API tokens and the
+database's own id (`database_id`).
 
 SQLite by default (`sqlite:///restorch-service.db`), PostgreSQL for a team
 (`postgresql+psycopg2://USER@HOST/DB`). Tables are created on first use. Everything the service
@@ -10,6 +11,7 @@ the dispatcher never overwrite each other's change.
 """
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 
 from sqlalchemy import Boolean, DateTime, Integer, String, Text, TypeDecorator, create_engine, update
@@ -50,6 +52,7 @@ class Experiment(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher runs first
     spec: Mapped[str] = mapped_column(Text)  # the validated spec as YAML, defaults filled in
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    # The Ray job's submission id, recorded while still queued, before the job is submitted (dispatcher.py)
     ray_job_id: Mapped[str | None] = mapped_column(String(255), default=None)
     message: Mapped[str | None] = mapped_column(Text, default=None)  # why it failed, or what is pending
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -70,6 +73,15 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Setting(Base):
+    """A fact about this database, by name (`database_id`)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
 def open_database(url: str) -> sessionmaker[Session]:
     """Sessions on the database at `url` (its tables created if missing)."""
     # SQLite connections are shared by the API's worker threads and the dispatcher's thread.
@@ -85,3 +97,14 @@ def transition(sessions: sessionmaker[Session], experiment_id: int, expected: st
         done = session.execute(update(Experiment).where(Experiment.id == experiment_id, Experiment.status == expected)
                                .values(**values))
     return done.rowcount == 1
+
+
+def database_id(sessions: sessionmaker[Session]) -> str:
+    """This database's random id, made on first use: the Ray jobs of its experiments carry it
+    (orchestrator/dispatcher.py), so services with databases of their own can share a cluster."""
+    with sessions.begin() as session:
+        setting = session.get(Setting, "database_id")
+        if setting is None:
+            setting = Setting(name="database_id", value=uuid.uuid4().hex[:8])
+            session.add(setting)
+    return setting.value

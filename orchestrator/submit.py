@@ -81,9 +81,11 @@ def runtime_env(spec_dir: Path, *, installed: bool) -> dict[str, Any]:
     return env
 
 
-def submit_spec(spec_file: str | Path, *, kind: str | None, address: str | None, installed: bool = False) -> tuple[Any, str]:
+def submit_spec(spec_file: str | Path, *, kind: str | None, address: str | None, installed: bool = False,
+                submission_id: str | None = None) -> tuple[Any, str]:
     """Submit `restorch <kind> <spec>` to the cluster (kind None: sweep if the spec has a search space,
-    else train); returns the client and the job's submission id."""
+    else train); returns the client and the job's submission id. With `submission_id`, submitting is
+    idempotent: when the cluster has a job of that id already, that job is the one returned."""
     spec_file = Path(spec_file)
     spec = load_spec(spec_file)
     kind = kind or ("sweep" if spec.search_space else "train")
@@ -91,15 +93,24 @@ def submit_spec(spec_file: str | Path, *, kind: str | None, address: str | None,
         raise SpecError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
     check_for_cluster(spec, tracked=kind != "train")
     client = connect(address)
+    job_id = submission_id or f"restorch-{kind}-{spec.name}-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="restorch-submit-") as spec_dir:
         shutil.copy(spec_file, Path(spec_dir) / spec_file.name)
-        job_id = client.submit_job(
-            entrypoint=f"python -m orchestrator.cli {kind} {spec_file.name}",
-            runtime_env=runtime_env(Path(spec_dir), installed=installed),
-            submission_id=f"restorch-{kind}-{spec.name}-{uuid.uuid4().hex[:6]}",
-            metadata={"restorch_kind": kind, "restorch_spec": spec.name},
-        )
+        try:
+            client.submit_job(
+                entrypoint=f"python -m orchestrator.cli {kind} {spec_file.name}",
+                runtime_env=runtime_env(Path(spec_dir), installed=installed),
+                submission_id=job_id,
+                metadata={"restorch_kind": kind, "restorch_spec": spec.name},
+            )
+        except RuntimeError:  # Ray refuses an id it has: an earlier submission of this id got through
+            if submission_id is None or not has_job(client, job_id):
+                raise
     return client, job_id
+
+
+def has_job(client: Any, job_id: str) -> bool:
+    return any(job.submission_id == job_id for job in client.list_jobs())
 
 
 def follow(client: Any, job_id: str, out: TextIO = sys.stdout) -> str:

@@ -41,27 +41,30 @@ def spec(name: str, storage: Path, data: Path = Path("/data/rain"), iterations: 
 
 
 class FakeCluster:
-    """An instant cluster: a job runs for `polls` polls of the job list, then succeeds."""
+    """An instant cluster: a job runs for `polls` polls of the job list, then succeeds. As Ray's, it
+    starts a job id once (`submit` of an id it has is a no-op)."""
 
     def __init__(self, polls: int = 2) -> None:
         self.polls = polls
         self.submitted: list[Experiment] = []
         self.left: dict[str, int] = {}
+        self.owners: dict[str, Experiment] = {}
         self.stopped: set[str] = set()
         self.peak_per_user: Counter[str] = Counter()  # the most jobs one user had running at once
         self.down = False
 
     def _live(self) -> list[Experiment]:
-        return [e for e in self.submitted if self.left[f"job-{e.id}"] > 0 and f"job-{e.id}" not in self.stopped]
+        return [self.owners[job_id] for job_id, left in self.left.items() if left > 0 and job_id not in self.stopped]
 
-    def submit(self, experiment: Experiment) -> str:
+    def submit(self, experiment: Experiment, submission_id: str) -> None:
         if self.down:
             raise ConnectionError("no Ray head answers")
+        if submission_id in self.left:
+            return
         self.submitted.append(experiment)
-        self.left[f"job-{experiment.id}"] = self.polls
+        self.left[submission_id], self.owners[submission_id] = self.polls, experiment
         for user, count in Counter(e.user for e in self._live()).items():
             self.peak_per_user[user] = max(self.peak_per_user[user], count)
-        return f"job-{experiment.id}"
 
     def jobs(self) -> dict[str, ClusterJob]:
         for job_id in self.left:
@@ -215,7 +218,7 @@ def test_cancel_of_a_running_experiment_stops_its_job(service):
     service.tick()
     path = f"/experiments/{experiment['id']}"
     running = service.get(path, "alice").json()
-    assert running["status"] == "running" and running["ray_job_id"] == f"job-{experiment['id']}"
+    assert running["status"] == "running" and running["ray_job_id"].endswith(f"-{experiment['id']}")
     cancelled = service.client.post(f"{path}/cancel", headers=service.headers["alice"]).json()
     assert cancelled["status"] == "running" and cancelled["message"].startswith("stop requested")
     assert service.cluster.stopped == {running["ray_job_id"]}
@@ -235,11 +238,12 @@ def test_the_queue_waits_out_a_cluster_outage_and_fails_lost_jobs(service):
     assert waiting["status"] == "queued" and waiting["message"].startswith("waiting to be submitted: ConnectionError")
     service.cluster.down = False
     service.tick()
-    assert service.get(path).json()["status"] == "running"
+    running = service.get(path).json()
+    assert running["status"] == "running"
     service.cluster.left.clear()  # the cluster was restarted and forgot its jobs
     service.tick()
     lost = service.get(path).json()
-    assert lost["status"] == "failed" and lost["message"].startswith(f"the cluster has no job job-{experiment['id']}")
+    assert lost["status"] == "failed" and lost["message"].startswith(f"the cluster has no job {running['ray_job_id']}")
 
 
 def test_a_sweep_shows_its_trials_and_its_report_once_written(tmp_path, mlflow_url):
