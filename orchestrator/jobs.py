@@ -239,7 +239,7 @@ def run_job(spec: ExperimentSpec, *, address: str | None = None,
 
 def unshared_tracking(spec: ExperimentSpec, address: str | None) -> str | None:
     """Why the job's nodes cannot log to its tracking store (a cluster, a store on one node's disk), or None."""
-    if not (address or os.environ.get(RAY_ADDRESS_ENV)):
+    if not on_cluster(address):
         return None
     try:
         check_shared_tracking(spec.tracking.uri)
