@@ -331,11 +331,11 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import numeric_metrics, resolve_uri
+    from orchestrator.tracking import get_or_create_experiment, numeric_metrics, resolve_uri
 
-    client = MlflowClient(resolve_uri(uri))
-    experiment = client.get_experiment_by_name(BENCHMARK_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(BENCHMARK_EXPERIMENT)
+    resolved = resolve_uri(uri)
+    client = MlflowClient(resolved)
+    experiment_id = get_or_create_experiment(client, BENCHMARK_EXPERIMENT, resolved)
     run = client.create_run(experiment_id, run_name=f"bench-{kind}", tags={
         "restorch.kind": "benchmark", "restorch.benchmark": kind, "host": platform.node(),
         "device": torch.cuda.get_device_name() if settings.get("device") == "cuda" else platform.processor() or "cpu",

@@ -33,6 +33,8 @@ def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
     assert run.data.metrics["restormer_glmha.fwd_bwd_ratio"] == pytest.approx(glmha["fwd_bwd_ratio"])
     assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"models.txt", "models.csv"}
     assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == BENCHMARK_EXPERIMENT
+    # beside the store, like every other run's (not a stray ./mlruns in the working directory)
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
 def test_deepspeed_overhead_is_the_step_time_ratio():
