@@ -54,7 +54,7 @@ from orchestrator.service_db import FINAL_STATES, Experiment, transition, utcnow
 from orchestrator.service_policy import ServicePolicy
 from orchestrator.service_results import experiment_folder, jsonable, report_files, sweep_result, train_result
 from orchestrator.spec import (MAX_SPEC_BYTES, ExperimentSpec, SpecError, check_trial_limit,
-                                load_spec_text, parse_spec)
+                                load_spec_text, parse_spec, spec_values)
 from orchestrator.submit import KINDS
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -128,14 +128,8 @@ class Report(BaseModel):
 def check_storable(data: Any) -> None:
     """Refuse spec data (already within the spec's bounds on size and nesting) holding text the database
     cannot store: a NUL character, a lone surrogate (not UTF-8)."""
-    pending = [data]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            pending += [item for pair in node.items() for item in pair]
-        elif isinstance(node, list):
-            pending += node
-        elif isinstance(node, str):
+    for node, _ in spec_values(data):
+        if isinstance(node, str):
             if "\0" in node:
                 raise SpecError(f"spec: {node[:80]!r} holds a NUL character; remove it")
             try:

@@ -110,21 +110,26 @@ def _too_many_nodes(where: str) -> SpecError:
                      "it repeats (the bound on a spec's size); write the values out instead of nesting aliases")
 
 
-def _check_data_size(raw: Any, source: str) -> None:
-    """Spec data (from YAML or JSON) within MAX_SPEC_DEPTH and MAX_SPEC_NODES, a value that appears in
-    several places counted in each, without recursion."""
-    stack, nodes = [(raw, 1)], 0
+def spec_values(raw: Any) -> Iterator[tuple[Any, int]]:
+    """Every value and key in spec data (from YAML or JSON) with its depth (`raw` itself is 1), without
+    recursion; a value that appears in several places comes in each."""
+    stack = [(raw, 1)]
     while stack:
         value, depth = stack.pop()
-        nodes += 1
-        if nodes > MAX_SPEC_NODES:
-            raise _too_many_nodes(source)
-        if depth > MAX_SPEC_DEPTH:
-            raise _too_deep(source)
+        yield value, depth
         if isinstance(value, Mapping):
             stack += [(item, depth + 1) for pair in value.items() for item in pair]
         elif isinstance(value, (list, tuple)):
             stack += [(item, depth + 1) for item in value]
+
+
+def _check_data_size(raw: Any, source: str) -> None:
+    """Spec data within MAX_SPEC_DEPTH and MAX_SPEC_NODES."""
+    for nodes, (_, depth) in enumerate(spec_values(raw), start=1):
+        if nodes > MAX_SPEC_NODES:
+            raise _too_many_nodes(source)
+        if depth > MAX_SPEC_DEPTH:
+            raise _too_deep(source)
 
 
 def _check_spec_size(size: int, source: str) -> None:
