@@ -138,6 +138,14 @@ def test_a_full_disk_is_reported_and_the_resume_keeps_every_trial(derain_data, t
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True, timeout=30)
     resumed = sweep()
     print(resumed.stdout[-3000:], resumed.stderr[-3000:])
+    if "saved Tune state of sweep full" in resumed.stderr:
+        # The disk filled while Tune wrote its own state (which it writes in place): the resume refuses,
+        # naming the folder and the cause, and drops nothing (the "refuse with the cause").
+        assert resumed.returncode == 2 and "cannot be read" in resumed.stderr
+        assert str(small_disk / "runs" / name) in resumed.stderr
+        assert sweep_runs(client, name)[0].info.status == "FAILED"
+        assert not (small_disk / "runs" / name / "results.csv").exists()
+        return
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming sweep" in resumed.stdout
     with open(small_disk / "runs" / name / "results.csv") as results:
