@@ -7,16 +7,12 @@ assembles them. A handler returns an exit code.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from collections.abc import Sequence
 
 from orchestrator.commands import command_modules
 from orchestrator.console import console
-
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # reported as such
-
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `command` only (fast: imports one command module), or of every command."""
@@ -44,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"restorch {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        from workloads.storage import STORAGE_ERRNOS  # here: pyarrow is slow to import
+
         if err.errno not in STORAGE_ERRNOS:
             raise
         print(f"restorch {args.command}: error: {err}", file=sys.stderr)  # a full or failing disk: no traceback

@@ -21,7 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from orchestrator import dispatcher
+from orchestrator.service import dispatcher
 from orchestrator.cli import main
 
 

@@ -14,12 +14,14 @@ import yaml
 from conftest import TINY_RESTORMER, two_factor_ablation
 from mlflow.tracking import MlflowClient
 
-from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, spec_variants
-from orchestrator.ablation_run import run_ablation
+from orchestrator.spec.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, spec_variants
+from orchestrator.run.ablation_run import run_ablation
 from orchestrator.cli import main
-from orchestrator.recipes import recipes, spec_file
-from orchestrator.report import CSV_FILE, build_report, child_runs, write_report
-from orchestrator.spec import VARIANT_KEY, SpecError, parse_spec, resolve_trial
+from orchestrator.spec.recipes import recipes, spec_file
+from orchestrator.report.build import CSV_FILE, build_report, child_runs, write_report
+from orchestrator.spec.schema import VARIANT_KEY, SpecError
+from orchestrator.spec.load import parse_spec
+from orchestrator.spec.trial import resolve_trial
 
 RECIPE_DIR = Path(__file__).parents[1] / "workloads" / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))

@@ -16,8 +16,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config
 
 from conftest import TINY_RESTORMER
-from orchestrator.autoscaler import NodeType, kuberay_node_types, launcher_node_types, main, plan_job, publish
-from orchestrator.spec import SpecError
+from orchestrator.run.autoscaler import NodeType, kuberay_node_types, launcher_node_types, main, plan_job, publish
+from orchestrator.spec.schema import SpecError
 from servers import BIN, stop_process_group
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -51,9 +51,9 @@ def test_published_node_types_round_trip_through_rays_gcs_and_size_the_check(cap
     then announced as waiting (Ray has 0 GPU) and an oversized one refused, before any compute."""
     import ray
 
-    from orchestrator.autoscaler import cluster_node_types
-    from orchestrator.jobs import check_cluster_resources
-    from orchestrator.spec import parse_spec
+    from orchestrator.run.autoscaler import cluster_node_types
+    from orchestrator.run.jobs import check_cluster_resources
+    from orchestrator.spec.load import parse_spec
 
     ray.shutdown()
     ray.init(address="local", num_cpus=1, include_dashboard=False)  # a new Ray, not one running here

@@ -13,8 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
-from orchestrator.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
-from orchestrator.timeline import PHASES, TIMELINE_ENV, first_reached, mark
+from orchestrator.run.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
+from orchestrator.run.timeline import PHASES, TIMELINE_ENV, first_reached, mark
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
@@ -39,7 +39,7 @@ def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
 
 def test_deepspeed_overhead_is_the_step_time_ratio():
     # DeepSpeed and its process group stay out of the pytest process
-    script = ("import json\nfrom orchestrator.benchmarks import bench_train\n"
+    script = ("import json\nfrom orchestrator.run.benchmarks import bench_train\n"
               f"print(json.dumps(bench_train(patch=32, repeats=1, warmup=0, variants={{'tiny': {TINY_RESTORMER!r}}})))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
@@ -50,7 +50,7 @@ def test_deepspeed_overhead_is_the_step_time_ratio():
 
 @pytest.mark.slow
 def test_sweep_overhead_runs_the_same_trials_both_ways(tmp_path):
-    script = ("import json\nfrom orchestrator.benchmarks import bench_sweep\n"
+    script = ("import json\nfrom orchestrator.run.benchmarks import bench_sweep\n"
               f"print(json.dumps(bench_sweep(trials=2, concurrent=2, iterations=4, folder={str(tmp_path)!r})))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200, check=True)
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_RESTORMER
-from orchestrator.spec import parse_spec
+from orchestrator.spec.load import parse_spec
 from workloads.session import LocalSession
 
 
@@ -59,7 +59,7 @@ def test_a_job_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(de
     import ray
     from ray.train import TrainingFailedError
 
-    from orchestrator.jobs import run_job
+    from orchestrator.run.jobs import run_job
 
     spec = parse_spec({
         "name": "damaged", "model": TINY_RESTORMER, "task": "deraining",

@@ -49,14 +49,14 @@ def test_help_imports_no_torch_ray_mlflow_or_scipy():
 
 
 def test_choices_named_in_the_cli_match_the_modules_they_stand_for():
-    from orchestrator import benchmarks
+    from orchestrator.run import benchmarks
     from orchestrator.commands.bench import DTYPES
 
     assert set(DTYPES) == set(benchmarks.DTYPES)
 
 
 def test_recipes_are_listed_and_every_spec_command_takes_a_recipe_name(tmp_path, monkeypatch, capsys):
-    from orchestrator.recipes import recipes
+    from orchestrator.spec.recipes import recipes
 
     monkeypatch.chdir(tmp_path)  # the recipes' relative data folders do not exist here
     assert main(["recipes"]) == 0

@@ -12,7 +12,7 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from orchestrator.sweep import TRIAL_RESOURCE
+from orchestrator.run.sweep import TRIAL_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
@@ -73,7 +73,7 @@ def test_aws_has_a_cpu_head_autoscaling_gpu_workers_and_s3_by_instance_profile()
     # The head publishes the node types (a GPU job is then submitted and waits for the workers) and
     # runs the tracking server every node's MLFLOW_TRACKING_URI names.
     head = config["head_start_ray_commands"]
-    assert "python -m orchestrator.autoscaler ~/ray_bootstrap_config.yaml" in head
+    assert "python -m orchestrator.run.autoscaler ~/ray_bootstrap_config.yaml" in head
     assert any(re.search(r"restorch tracking up .*--host 0\.0\.0\.0 --port 5000", command) for command in head)
     assert any("MLFLOW_TRACKING_URI=http://" in c and "ray start --head" in c for c in head)
     assert any("MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in c for c in config["worker_start_ray_commands"])
@@ -107,7 +107,7 @@ def test_kuberay_has_a_gpu_worker_group_with_resource_requests():
     # Tracking on a server every pod reaches; the head publishes the worker groups when it starts.
     for pod in (head_container, container):
         assert {"name": "MLFLOW_TRACKING_URI", "value": "http://restorch-mlflow:5000"} in pod["env"]
-    assert "python -m orchestrator.autoscaler --kuberay" in " ".join(head_container["lifecycle"]["postStart"]["exec"]["command"])
+    assert "python -m orchestrator.run.autoscaler --kuberay" in " ".join(head_container["lifecycle"]["postStart"]["exec"]["command"])
 
 
 def test_the_image_is_built_from_the_project_with_its_pins_and_the_deepspeed_op():

@@ -1,6 +1,6 @@
 """A sweep's console shows restorch's lines only: the rest of what its process prints (Ray, Tune,
 MLflow, the workers' output) goes to the sweep's log (orchestrator/console.py), the progress comes
-from the driver's Tune callback (orchestrator/progress.py)."""
+from the driver's Tune callback (orchestrator/run/progress.py)."""
 from __future__ import annotations
 
 import os
@@ -17,8 +17,8 @@ from conftest import TINY_RESTORMER
 from ray import cloudpickle
 
 from orchestrator.console import console
-from orchestrator.data_preflight import check_record
-from orchestrator.progress import SweepProgress, one_line, root_cause
+from orchestrator.run.data_preflight import check_record
+from orchestrator.run.progress import SweepProgress, one_line, root_cause
 from workloads.data import DatasetError
 from workloads.node_cache import cache_root
 from workloads.tasks import get_task

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from orchestrator.cli import main
-from orchestrator.spec import DataSpec, SpecError
+from orchestrator.spec.schema import DataSpec, SpecError
 from servers import S3_ENV
 from test_storage import BUCKET, s3, s3_endpoint  # noqa: F401 (moto's S3 and a bucket: fixtures shared with the storage tests)
 from workloads.data import (DatasetError, PairedDataset, PatchBatchSampler, PatchSchedule, Sample, load_datasets,

@@ -18,8 +18,8 @@ import yaml
 
 import workloads.data
 from conftest import TINY_RESTORMER
-from orchestrator.data_preflight import DataCheckFailed, check_record, check_spec_data
-from orchestrator.spec import parse_spec
+from orchestrator.run.data_preflight import DataCheckFailed, check_record, check_spec_data
+from orchestrator.spec.load import parse_spec
 from workloads.node_cache import cache_root
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
@@ -84,7 +84,7 @@ def test_a_checked_folder_is_not_decoded_again_until_it_changes(rain: Path, tmp_
 
 
 def test_the_datasets_of_every_variant_and_searched_value_are_checked(rain: Path, tmp_path: Path) -> None:
-    from orchestrator.data_preflight import dataset_uses
+    from orchestrator.run.data_preflight import dataset_uses
 
     spec = _spec("uses", rain / "train", rain / "val", tmp_path,
                  ablation={"factors": {"data": [{"label": "other", "set": {"data.train": str(tmp_path / "other"),

@@ -23,9 +23,9 @@ import pytest
 import requests
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.auth import create_token
-from orchestrator.dispatcher import RAY_FINAL_STATES, ClusterJob, Dispatcher, Limits
-from orchestrator.service_db import FINAL_STATES, Experiment, database_id, open_database
+from orchestrator.service.auth import create_token
+from orchestrator.service.dispatcher import RAY_FINAL_STATES, ClusterJob, Dispatcher, Limits
+from orchestrator.service.db import FINAL_STATES, Experiment, database_id, open_database
 from faulty_serve import fail_next_commit_in_this_thread
 from servers import answers, free_port, started, wait_for
 from test_service import FakeCluster, Service, bearer, spec, submit, wait_for_status
@@ -146,7 +146,7 @@ def faulty_serve(db: str, ray_url: str, env: dict[str, str], log: Path,
     port = free_port()
     command = [sys.executable, str(Path(__file__).parent / "faulty_serve.py"), json.dumps(faults), "serve",
                "--db", db, "--ray-address", ray_url, "--port", str(port), "--max-running", "2",
-               "--storage-root", str(log.parent / "runs"), "--data-root", "/"]  # orchestrator/service_policy.py
+               "--storage-root", str(log.parent / "runs"), "--data-root", "/"]  # orchestrator/service/policy.py
     url = f"http://127.0.0.1:{port}"
     with started(command, env=env, log=log, marker=db) as process:
         wait_for(lambda: answers(f"{url}/openapi.json"), timeout=180, what="restorch serve", process=process, log=log)

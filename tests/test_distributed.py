@@ -72,7 +72,7 @@ def _loop_reductions(rank: int, world_size: int, device: str, val_folder: str, o
 
 def job_backend(tmp_path: Path, derain_data: Path) -> str:
     """The process-group backend Ray Train gives a 2-worker GPU job (orchestrator/jobs.make_trainer)."""
-    from orchestrator.jobs import make_trainer
+    from orchestrator.run.jobs import make_trainer
 
     spec = make_spec(derain_data, tmp_path, resources={"num_workers": 2, "use_gpu": True})
     return make_trainer(spec, {}, name="gpu-job", storage=str(tmp_path)).backend_config.backend
@@ -194,7 +194,7 @@ def _train(rank: int, world_size: int, config: dict[str, Any], out: str) -> None
 def test_one_and_two_workers_train_alike(derain_data, tmp_path):
     """One spec on 1 worker (2 micro-batches a step) and on 2 workers: the same global batches, so the
     same lr at every step and, up to float summation order, the same losses and validation."""
-    from orchestrator.jobs import job_config
+    from orchestrator.run.jobs import job_config
 
     reports = {}
     for workers, accumulation in ((1, 2), (2, 1)):

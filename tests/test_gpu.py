@@ -20,7 +20,7 @@ def _bf16_steps(rank: int, world_size: int, out: str) -> None:
     import deepspeed
 
     from models import build_model
-    from orchestrator.benchmarks import bench_train
+    from orchestrator.run.benchmarks import bench_train
     from workloads.train import deepspeed_config
 
     torch.cuda.set_device(rank)

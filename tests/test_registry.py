@@ -18,9 +18,9 @@ from conftest import TINY_RESTORMER, sweep_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator import registry
+from orchestrator.tracking import registry
 from orchestrator.cli import main
-from orchestrator.mlflow_keys import CONV_GMACS, MODEL_ARTIFACT, PARAMS_M
+from orchestrator.tracking.keys import CONV_GMACS, MODEL_ARTIFACT, PARAMS_M
 from workloads.files import image_bit_depth, read_image, write_image
 from workloads.train import load_consolidated
 

@@ -20,13 +20,13 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.spec.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
 from orchestrator.cli import main
-from orchestrator.mlflow_keys import MACHINE_TAG
-from orchestrator.report import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report
-from orchestrator.report_formats import Column, best_value, markdown_table
-from orchestrator.spec import parse_spec
-from orchestrator.tracking import PARENT_TAG, open_sweep_run
+from orchestrator.tracking.keys import MACHINE_TAG
+from orchestrator.report.build import (CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report)
+from orchestrator.report.formats import Column, best_value, markdown_table
+from orchestrator.spec.load import parse_spec
+from orchestrator.tracking.runs import PARENT_TAG, open_sweep_run
 from workloads.metrics import over_sets
 from workloads.train import machine_name
 
@@ -223,8 +223,8 @@ def ray_two_slots() -> Any:
     """One local Ray for the module, with two sweep trial slots."""
     import ray
 
-    from orchestrator.jobs import init_ray
-    from orchestrator.sweep import TRIAL_RESOURCE
+    from orchestrator.run.jobs import init_ray
+    from orchestrator.run.sweep import TRIAL_RESOURCE
 
     init_ray(None, local_resources={TRIAL_RESOURCE: 2})
     yield

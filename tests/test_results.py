@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.results import pareto_front, sort_rows
-from orchestrator.trial_reports import DIVERGED_SCORE, scored_for_tune
+from orchestrator.report.results import pareto_front, sort_rows
+from orchestrator.run.trial_reports import DIVERGED_SCORE, scored_for_tune
 
 
 def test_a_diverged_trial_ranks_last_and_tune_sees_the_worst_score():

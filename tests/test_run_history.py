@@ -16,9 +16,9 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator import registry
-from orchestrator.jobs import FAULT_ENV
-from orchestrator.mlflow_keys import ATTEMPT_TAG, REPLACED_BY_TAG, REPLACES_TAG
+from orchestrator.tracking import registry
+from orchestrator.run.jobs import FAULT_ENV
+from orchestrator.tracking.keys import ATTEMPT_TAG, REPLACED_BY_TAG, REPLACES_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -22,12 +22,12 @@ import yaml
 from fastapi.testclient import TestClient
 
 from conftest import TINY_RESTORMER
-from orchestrator.auth import authenticate, create_token
+from orchestrator.service.auth import authenticate, create_token
 from orchestrator.cli import main
-from orchestrator.dispatcher import ClusterJob, Limits, pick_next
-from orchestrator.service import MAX_BODY_BYTES, create_app
-from orchestrator.service_db import FINAL_STATES, Experiment, Token, open_database
-from orchestrator.service_policy import ServicePolicy
+from orchestrator.service.dispatcher import ClusterJob, Limits, pick_next
+from orchestrator.service.app import MAX_BODY_BYTES, create_app
+from orchestrator.service.db import FINAL_STATES, Experiment, Token, open_database
+from orchestrator.service.policy import ServicePolicy
 from servers import BIN, answers, free_port, postgres, started, tracking_server, wait_for
 
 USERS = ("alice", "bob")
@@ -269,8 +269,8 @@ def test_a_sweep_shows_its_trials_and_its_report_once_written(tmp_path, mlflow_u
 
 
 def test_an_ablation_report_holds_its_paper_style_table_from_mlflow(tmp_path, mlflow_url):
-    from orchestrator.ablation_run import run_ablation
-    from orchestrator.spec import parse_spec
+    from orchestrator.run.ablation_run import run_ablation
+    from orchestrator.spec.load import parse_spec
 
     ablation = {"profile_only": True, "factors": {"kv": [{"label": "GLMHA r=0.25", "set": {"model.glmha.kv_reduction": 0.25}},
                                                           {"label": "GLMHA r=0.75", "set": {"model.glmha.kv_reduction": 0.75}}]}}

@@ -10,8 +10,8 @@ from typing import Any
 import hypothesis
 import schemathesis
 
-from orchestrator.dispatcher import Limits
-from orchestrator.service import MAX_BODY_BYTES
+from orchestrator.service.dispatcher import Limits
+from orchestrator.service.app import MAX_BODY_BYTES
 from test_service import Service, queue_db, spec  # noqa: F401 (queue_db: a fixture)
 from test_spec import alias_bomb
 

@@ -18,10 +18,10 @@ import pytest
 import requests
 import yaml
 
-from orchestrator.auth import authenticate, create_token, list_tokens
+from orchestrator.service.auth import authenticate, create_token, list_tokens
 from orchestrator.cli import main
-from orchestrator.dispatcher import Limits
-from orchestrator.service_db import Experiment, open_database
+from orchestrator.service.dispatcher import Limits
+from orchestrator.service.db import Experiment, open_database
 from servers import BIN, answers, free_port, started, wait_for
 from test_service import Service, bearer, spec
 
@@ -225,7 +225,7 @@ def test_a_silent_tracking_server_holds_one_request_and_times_out(tmp_path):
 
 def test_a_user_validates_one_spec_at_a_time(service, monkeypatch):
     """While alice's first spec is being validated, her second gets 429 and bob's is served."""
-    from orchestrator import service as service_module
+    from orchestrator.service import app as service_module
 
     entered, release = threading.Event(), threading.Event()
     parse = service_module.parse_spec

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.spec import DataSpec, SpecError, parse_spec, resolve_trial
+from orchestrator.spec.schema import DataSpec, SpecError
+from orchestrator.spec.load import parse_spec
+from orchestrator.spec.trial import resolve_trial
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
@@ -193,7 +195,7 @@ def test_alias_bomb_is_refused_while_composing():
     """The loader counts what each alias stands for and never builds the expansion (10**7 values)."""
     import tracemalloc
 
-    from orchestrator.spec import read_spec_yaml
+    from orchestrator.spec.load import read_spec_yaml
 
     tracemalloc.start()
     with pytest.raises(SpecError, match="more than 20000 values and keys"):
@@ -223,7 +225,7 @@ def test_pbt_spec(tmp_path):
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.search.sample import Domain
 
-    from orchestrator.sweep import _scheduler
+    from orchestrator.run.sweep import _scheduler
 
     mutations = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": [0.0, 1e-4, 1e-2]}
     spec = parse_spec(base_spec(tmp_path, search={**PBT, "hyperparam_mutations": mutations, "quantile_fraction": 0.5}))

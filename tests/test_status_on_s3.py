@@ -6,10 +6,10 @@ import yaml
 
 from conftest import TINY_RESTORMER
 from orchestrator.cli import main
-from orchestrator.service_results import sweep_result
-from orchestrator.spec import parse_spec
-from orchestrator.storage import write_text
-from orchestrator.sweep import SPEC_FILE, read_stored_spec
+from orchestrator.service.results import sweep_result
+from orchestrator.spec.load import parse_spec
+from workloads.storage import write_text
+from orchestrator.run.sweep import SPEC_FILE, read_stored_spec
 from servers import S3_ENV, moto_s3, s3_client
 
 

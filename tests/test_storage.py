@@ -11,8 +11,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conftest import TINY_RESTORMER
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.storage import filesystem, ray_storage
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import parse_spec
+from workloads.storage import filesystem
 from servers import S3_ENV, moto_s3, s3_client, wait_for
 
 BUCKET = "restorch-test"
@@ -49,7 +50,7 @@ def test_local_folders_and_s3_prefixes_map_to_a_filesystem_and_a_path(s3, s3_end
     fs, path = filesystem("runs")
     assert isinstance(fs, pyarrow.fs.LocalFileSystem) and path == str(tmp_path / "runs")
 
-    path, fs = ray_storage(f"s3://{BUCKET}/runs", s3_endpoint)
+    fs, path = filesystem(f"s3://{BUCKET}/runs", s3_endpoint)
     assert isinstance(fs, pyarrow.fs.S3FileSystem) and path == f"{BUCKET}/runs"  # no s3:// with a filesystem
     with fs.open_output_stream(f"{path}/hello.txt") as out:
         out.write(b"hello")
@@ -61,7 +62,7 @@ def test_local_folders_and_s3_prefixes_map_to_a_filesystem_and_a_path(s3, s3_end
 
 WRITER = """
 import os, sys
-from orchestrator.storage import filesystem
+from workloads.storage import filesystem
 fs, path = filesystem(sys.argv[1], sys.argv[2])
 with fs.open_output_stream(path) as out:
     out.write(os.urandom(25 * 2**20))
@@ -114,7 +115,7 @@ def test_train_job_checkpoints_to_s3_and_resumes_from_s3_alone(s3, s3_endpoint, 
     import ray
     from ray.train import TrainingFailedError
 
-    from orchestrator.jobs import run_job
+    from orchestrator.run.jobs import run_job
 
     spec = parse_spec({
         "name": "s3job", "model": TINY_RESTORMER, "task": "deraining",

@@ -10,11 +10,12 @@ import yaml
 
 from conftest import TINY_RESTORMER
 from orchestrator.cli import main
-from orchestrator.remote import FORWARDED_ENV, check_for_cluster
-from orchestrator.service import ExperimentIn, validate_submission
-from orchestrator.service_policy import ServicePolicy
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.submit import resolve_address, runtime_env
+from orchestrator.run.remote import FORWARDED_ENV, check_for_cluster
+from orchestrator.service.app import ExperimentIn, validate_submission
+from orchestrator.service.policy import ServicePolicy
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import parse_spec
+from orchestrator.run.submit import resolve_address, runtime_env
 from servers import BIN, free_port
 
 SHARED_TRACKING = "http://mlflow.example:5000"

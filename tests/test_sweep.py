@@ -18,13 +18,13 @@ from conftest import sweep_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from servers import BIN, answers, free_port, started, wait_for
 
-from orchestrator import registry
+from orchestrator.tracking import registry
 from orchestrator.cli import main
-from orchestrator.jobs import init_ray
-from orchestrator.spec import parse_spec
-from orchestrator.sweep import TRIAL_RESOURCE, run_sweep
-from orchestrator.mlflow_keys import EXPLOIT_TAG, STOPPED_AT_TAG, STOPPED_BY_TAG, TRIAL_TAG
-from orchestrator.status import sweep_trials
+from orchestrator.run.jobs import init_ray
+from orchestrator.spec.load import parse_spec
+from orchestrator.run.sweep import TRIAL_RESOURCE, run_sweep
+from orchestrator.tracking.keys import EXPLOIT_TAG, STOPPED_AT_TAG, STOPPED_BY_TAG, TRIAL_TAG
+from orchestrator.run.status import sweep_trials
 from workloads.files import read_image, write_image
 from workloads.inference import restore
 

@@ -1,6 +1,6 @@
-"""Sweeps survive faults: one driver per sweep (a lock in storage, local and S3: orchestrator/sweep_lock.py), and a
+"""Sweeps survive faults: one driver per sweep (a lock in storage, local and S3: orchestrator/run/sweep_lock.py), and a
 storage that fills up is reported as such, the MLflow parent run closed FAILED, and the same command resumes
-every trial with its values once there is space again (orchestrator/sweep.py)."""
+every trial with its values once there is space again (orchestrator/run/sweep.py)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep_lock import LOCK_FILE, SweepLocked, sweep_lock
+from orchestrator.run.sweep_lock import LOCK_FILE, SweepLocked, sweep_lock
 from servers import S3_ENV, moto_s3, s3_client
 
 HOLDER = """
 import sys
-from orchestrator.sweep_lock import sweep_lock
+from orchestrator.run.sweep_lock import sweep_lock
 with sweep_lock(sys.argv[1], sys.argv[2] or None):
     print("held", flush=True)
     sys.stdin.read()

@@ -1,6 +1,6 @@
 """Resume is result-neutral: an ASHA sweep whose driver is SIGKILLed and then run again with the same command
 ends with the same trials stopped at the same iterations and the same best trial as the uninterrupted sweep
-(orchestrator/sweep_resume.py). One trial at a time, so the uninterrupted sweep is itself deterministic: the
+(orchestrator/run/sweep_resume.py). One trial at a time, so the uninterrupted sweep is itself deterministic: the
 good lr runs first and sets the rungs' bars, the hopeless ones are stopped at the first rung."""
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import yaml
 from conftest import tiny_spec
 from servers import BIN, stop_process_group
 
-from orchestrator.spec import SpecError, parse_spec
-from orchestrator.sweep import _scheduler
-from orchestrator.sweep_resume import check_resumable, rebuild, reports_to_replay, stored_reports
-from orchestrator.trial_reports import record_report
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import parse_spec
+from orchestrator.run.sweep import _scheduler
+from orchestrator.run.sweep_resume import check_resumable, rebuild, reports_to_replay, stored_reports
+from orchestrator.run.trial_reports import record_report
 
 NAME = "neutral"
 LRS = [2e-3, 1.0, 0.5]  # grid order = trial order

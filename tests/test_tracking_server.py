@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.tracking_server import backend_uri
+from orchestrator.tracking.server import backend_uri
 from servers import free_port, shared_tracking
 
 BUCKET = "restorch-mlflow"

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from conftest import TINY_RESTORMER
-from orchestrator.jobs import job_config
-from orchestrator.spec import SpecError, parse_spec
+from orchestrator.run.jobs import job_config
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import parse_spec
 
 
 def spec_data(dataset: Path, storage: Path, name: str = "job", **sections: Any) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def test_a_global_batch_that_does_not_split_is_refused(derain_data, tmp_path):
 def test_a_job_runs_untracked_only_on_a_cluster_that_shares_no_tracking_store(derain_data, tmp_path, monkeypatch):
     """`restorch train` is tracked, except on a cluster whose nodes could not reach its store (a SQLite file on
     one node): there it runs untracked, saying why, as a service without an MLflow server runs train jobs."""
-    from orchestrator.jobs import unshared_tracking
+    from orchestrator.run.jobs import unshared_tracking
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -167,8 +168,8 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     the checkpoint location and the consolidated model."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.jobs import run_job
-    from orchestrator.mlflow_keys import CHECKPOINT_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_TAG
+    from orchestrator.run.jobs import run_job
+    from orchestrator.tracking.keys import CHECKPOINT_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_TAG
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = make_spec(derain_data, tmp_path, name="crash",

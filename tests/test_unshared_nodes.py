@@ -22,9 +22,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
-from orchestrator.remote import FORWARDED_ENV
-from orchestrator.sweep import TRIAL_RESOURCE
-from orchestrator.mlflow_keys import CHECKPOINT_TAG, PARENT_TAG
+from orchestrator.run.remote import FORWARDED_ENV
+from orchestrator.run.sweep import TRIAL_RESOURCE
+from orchestrator.tracking.keys import CHECKPOINT_TAG, PARENT_TAG
 from servers import (BIN, S3_ENV, moto_s3, node_ports, ray_env, ray_head, s3_client, started, stop_process_group,
                      tracking_server, wait_for)
 

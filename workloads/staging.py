@@ -5,11 +5,11 @@ A dataset's digest covers the listing of its prefix (each object's relative path
 modification time): an object written again, added or removed changes it. The folder
 `<cache>/staged/<digest>/` holds a copy of the prefix; the first process of a node downloads it under
 the cache's lock, the others wait and use it. A run pins its datasets' digests when it starts (the
-spec's `data.digests`, see orchestrator/spec.py): a worker that finds a dataset changed since then
+spec's `data.digests`, see orchestrator/spec/schema.py): a worker that finds a dataset changed since then
 stops with `DatasetChanged` rather than train a trial on other data than its siblings, and a node
 that already holds the pinned copy uses it without asking the store.
 
-S3 is reached as the run's storage is (orchestrator/storage.py): `storage.endpoint_url` for an
+S3 is reached as the run's storage is (workloads/storage.py): `storage.endpoint_url` for an
 S3-compatible store, credentials from the standard AWS chain (AWS_* variables, ~/.aws, the instance's role).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def is_uri(location: str) -> bool:
 
 
 def _filesystem(uri: str, endpoint_url: str | None) -> tuple[pyarrow.fs.FileSystem, str]:
-    from orchestrator.storage import filesystem
+    from workloads.storage import filesystem
 
     try:
         return filesystem(uri, endpoint_url)

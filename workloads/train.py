@@ -1,6 +1,6 @@
 """The training recipe each Ray Train worker runs: one plain loop, read it top to bottom.
 
-`config` is the job config made by orchestrator/jobs.py from an experiment spec (plain data):
+`config` is the job config made by orchestrator/run/jobs.py from an experiment spec (plain data):
 model (registry config), task, data (folders + patch schedule), train (iterations, optimiser,
 schedule, intervals, seed), deepspeed (ZeRO stage, precision), run (where checkpoints are stored;
 for a pbt trial also where this run stops, `stop_at`, and `init_from`, another job's checkpoint to

@@ -1,4 +1,4 @@
-"""`restorch ablate spec.yaml|RECIPE`: run an ablation study (orchestrator/ablation.py) and write its report."""
+"""`restorch ablate spec.yaml|RECIPE`: run an ablation study (orchestrator/spec/ablation.py) and write its report."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,11 @@ from pathlib import Path
 from orchestrator.commands import VERBOSE_HELP
 from orchestrator.commands.report import DEFAULT_REPORTS, print_report
 from orchestrator.console import console
-from orchestrator.data_preflight import check_spec_data
-from orchestrator.jobs import on_cluster
-from orchestrator.recipes import spec_file
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.run.data_preflight import check_spec_data
+from orchestrator.run.jobs import on_cluster
+from orchestrator.spec.recipes import spec_file
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import load_spec
 from workloads.outputs import check_output_folder
 
 
@@ -23,8 +24,8 @@ def _ablate(args: argparse.Namespace) -> int:
     check_spec_data(spec, cluster=on_cluster(args.address))
     from mlflow.tracking import MlflowClient  # these import Ray, Tune and MLflow: seconds
 
-    from orchestrator.ablation_run import run_ablation
-    from orchestrator.report import build_report, publish_report, write_report
+    from orchestrator.run.ablation_run import run_ablation
+    from orchestrator.report.build import build_report, publish_report, write_report
 
     run = run_ablation(spec, address=args.address, yes=args.yes)
     client = MlflowClient(run.uri)

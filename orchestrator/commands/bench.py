@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.results import format_table
+from orchestrator.report.results import format_table
 
 DTYPES = ("fp32", "bf16")  # the keys of orchestrator/benchmarks.DTYPES: --help imports no torch
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from orchestrator import benchmarks
+    from orchestrator.run import benchmarks
 
     kind = args.bench_command
     if kind == "models":
@@ -22,7 +22,7 @@ def _bench(args: argparse.Namespace) -> int:
                     "warmup": args.warmup, "zero_stage": args.zero_stage, "peak_tflops": args.peak_tflops}
         rows = benchmarks.bench_train(**settings)
     elif kind == "data":
-        from orchestrator.recipes import spec_file
+        from orchestrator.spec.recipes import spec_file
 
         settings = {"patch": args.patch, "batch": args.batch, "device": args.device, "repeats": args.repeats,
                     "warmup": args.warmup, "spec": args.spec and str(spec_file(args.spec)), "data": args.data,

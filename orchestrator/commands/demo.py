@@ -17,7 +17,7 @@ from typing import Any
 from orchestrator.commands import VERBOSE_HELP
 from orchestrator.commands.sweep import mlflow_ui_command
 from orchestrator.console import console
-from orchestrator.spec import parse_spec
+from orchestrator.spec.load import parse_spec
 
 DEMO_DATA = Path("restorch_demo/rain")
 
@@ -38,7 +38,7 @@ def demo_spec(data: Path, name: str) -> dict[str, Any]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import run_sweep
+    from orchestrator.run.sweep import run_sweep
     from workloads.synth import write_dataset
     from workloads.tasks import get_task
 

@@ -1,11 +1,11 @@
-"""`restorch recipes`: the specs shipped with restorch (orchestrator/recipes.py), which every command
+"""`restorch recipes`: the specs shipped with restorch (orchestrator/spec/recipes.py), which every command
 taking a spec accepts by name."""
 from __future__ import annotations
 
 import argparse
 
-from orchestrator.recipes import recipes, summary
-from orchestrator.spec import load_spec
+from orchestrator.spec.recipes import recipes, summary
+from orchestrator.spec.load import load_spec
 
 
 def _recipes(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ def _aliases_of(client: MlflowClient, name: str) -> dict[str, list[str]]:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from orchestrator import registry
+    from orchestrator.tracking import registry
 
     with quiet_mlflow("register"):
         version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
@@ -35,7 +35,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from orchestrator import registry
+    from orchestrator.tracking import registry
 
     version = registry.promote(registry.client_for(args.tracking_uri), args.name, args.version, args.alias)
     print(f"{version.name} v{version.version} is now @{args.alias}")
@@ -43,7 +43,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from orchestrator import registry
+    from orchestrator.tracking import registry
 
     client = registry.client_for(args.tracking_uri)
     names = registry.registered_names(client)
@@ -59,7 +59,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from orchestrator import registry
+    from orchestrator.tracking import registry
 
     client = registry.client_for(args.tracking_uri)
     version = registry.get_version(client, registry.ModelReference.parse(args.reference))
@@ -74,8 +74,8 @@ def _show(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     """The version tags, model options (the runs' model.* params) and final metrics in which two versions
     differ, side by side; what they share is counted, not listed."""
-    from orchestrator import registry
-    from orchestrator.mlflow_keys import MODEL_PREFIX
+    from orchestrator.tracking import registry
+    from orchestrator.tracking.keys import MODEL_PREFIX
 
     client = registry.client_for(args.tracking_uri)
     versions = [registry.get_version(client, registry.ModelReference(args.name, version=v)) for v in (args.v1, args.v2)]
@@ -103,7 +103,7 @@ def _restore(args: argparse.Namespace) -> int:
     from workloads.inference import output_pairs, restore_files
 
     pairs = output_pairs(args.input, args.output, overwrite=args.overwrite)  # before the model is fetched
-    from orchestrator import registry
+    from orchestrator.tracking import registry
 
     with quiet_mlflow("restore"):
         network, version = registry.load_network(args.model, args.tracking_uri)

@@ -1,20 +1,20 @@
-"""`restorch serve` runs the experiment service (orchestrator/service.py); `restorch serve token
+"""`restorch serve` runs the experiment service (orchestrator/service/app.py); `restorch serve token
 create USER [--admin] | list [--user USER] | revoke ID` manages its API tokens."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from orchestrator.dispatcher import Limits
-from orchestrator.service_db import DEFAULT_URL
-from orchestrator.service_policy import ServicePolicy
-from orchestrator.submit import ADDRESS_ENVS, resolve_address
+from orchestrator.service.dispatcher import Limits
+from orchestrator.service.db import DEFAULT_URL
+from orchestrator.service.policy import ServicePolicy
+from orchestrator.run.submit import ADDRESS_ENVS, resolve_address
 
 LOCAL_HEAD = "http://127.0.0.1:8265"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from orchestrator.service import serve
+    from orchestrator.service.app import serve
 
     if args.max_running < 1 or args.max_running_per_user < 1:
         raise ValueError("--max-running and --max-running-per-user must be at least 1")
@@ -29,8 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _create_token(args: argparse.Namespace) -> int:
-    from orchestrator.auth import create_token
-    from orchestrator.service_db import open_database
+    from orchestrator.service.auth import create_token
+    from orchestrator.service.db import open_database
 
     token = create_token(open_database(args.db), args.user, admin=args.admin)
     print(token)
@@ -39,8 +39,8 @@ def _create_token(args: argparse.Namespace) -> int:
 
 
 def _list_tokens(args: argparse.Namespace) -> int:
-    from orchestrator.auth import list_tokens
-    from orchestrator.service_db import open_database
+    from orchestrator.service.auth import list_tokens
+    from orchestrator.service.db import open_database
 
     tokens = list_tokens(open_database(args.db), args.user)
     for token in tokens:
@@ -51,8 +51,8 @@ def _list_tokens(args: argparse.Namespace) -> int:
 
 
 def _revoke_token(args: argparse.Namespace) -> int:
-    from orchestrator.auth import revoke_token
-    from orchestrator.service_db import open_database
+    from orchestrator.service.auth import revoke_token
+    from orchestrator.service.db import open_database
 
     token_id = args.token_id.split("_")[1] if args.token_id.startswith("rst_") else args.token_id
     if not revoke_token(open_database(args.db), token_id):

@@ -5,8 +5,9 @@ import argparse
 import json
 
 from orchestrator.commands import SPEC_HELP
-from orchestrator.recipes import spec_file
-from orchestrator.spec import json_schema, load_spec
+from orchestrator.spec.recipes import spec_file
+from orchestrator.spec.schema import json_schema
+from orchestrator.spec.load import load_spec
 
 
 def _schema(args: argparse.Namespace) -> int:

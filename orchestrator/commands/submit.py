@@ -1,15 +1,15 @@
 """`restorch submit spec.yaml --address http://HEAD:8265` runs a spec on a Ray cluster as a Ray job;
-`restorch jobs list|logs|stop` manage the cluster's jobs (orchestrator/submit.py)."""
+`restorch jobs list|logs|stop` manage the cluster's jobs (orchestrator/run/submit.py)."""
 from __future__ import annotations
 
 import argparse
 from datetime import datetime
 
 from orchestrator.commands import SPEC_HELP
-from orchestrator.data_preflight import check_spec_data
-from orchestrator.recipes import spec_file
-from orchestrator.spec import load_spec
-from orchestrator.submit import KINDS, connect, follow, submit_spec
+from orchestrator.run.data_preflight import check_spec_data
+from orchestrator.spec.recipes import spec_file
+from orchestrator.spec.load import load_spec
+from orchestrator.run.submit import KINDS, connect, follow, submit_spec
 
 ADDRESS_HELP = "the head's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)"
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.data_preflight import check_spec_data
-from orchestrator.jobs import absolute_storage, on_cluster
-from orchestrator.results import format_table
+from orchestrator.run.data_preflight import check_spec_data
+from orchestrator.run.jobs import absolute_storage, on_cluster
+from orchestrator.report.results import format_table
 from orchestrator.commands import SPEC_HELP, VERBOSE_HELP
 from orchestrator.console import console
-from orchestrator.recipes import spec_file
-from orchestrator.spec import DEFAULT_STORAGE, SpecError, load_spec
+from orchestrator.spec.recipes import spec_file
+from orchestrator.spec.schema import DEFAULT_STORAGE, SpecError
+from orchestrator.spec.load import load_spec
 
 
 def mlflow_ui_command(uri: str) -> str:
@@ -18,7 +19,7 @@ def mlflow_ui_command(uri: str) -> str:
     when it is in the working directory)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    from orchestrator.tracking import sqlite_file
+    from orchestrator.tracking.runs import sqlite_file
 
     database = sqlite_file(uri)
     if database is not None and database.parent == Path.cwd():
@@ -30,7 +31,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if (args.spec is None) == (args.resume is None):
         raise SpecError("give a spec file to run (or resume) a sweep, or --resume NAME for a sweep in storage")
     if args.resume:
-        from orchestrator.sweep import read_stored_spec
+        from orchestrator.run.sweep import read_stored_spec
 
         spec = read_stored_spec(f"{absolute_storage(args.storage)}/{args.resume}", args.endpoint_url)
         if spec is None:
@@ -39,7 +40,7 @@ def _sweep(args: argparse.Namespace) -> int:
     else:
         spec = load_spec(spec_file(args.spec))
     check_spec_data(spec, cluster=on_cluster(args.address))
-    from orchestrator.sweep import run_sweep  # Ray, Tune, MLflow: seconds
+    from orchestrator.run.sweep import run_sweep  # Ray, Tune, MLflow: seconds
 
     outcome = run_sweep(spec, address=args.address, yes=args.yes)
     console.print(outcome.report())
@@ -48,7 +49,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from orchestrator.status import list_sweeps, sweep_trials
+    from orchestrator.run.status import list_sweeps, sweep_trials
 
     if args.name is None:
         rows = list_sweeps(absolute_storage(args.storage), args.endpoint_url)

@@ -1,10 +1,10 @@
-"""`restorch tracking up`: a shared MLflow tracking server (orchestrator/tracking_server.py)."""
+"""`restorch tracking up`: a shared MLflow tracking server (orchestrator/tracking/server.py)."""
 from __future__ import annotations
 
 import argparse
 from typing import NoReturn
 
-from orchestrator.tracking_server import serve
+from orchestrator.tracking.server import serve
 
 
 def _up(args: argparse.Namespace) -> NoReturn:

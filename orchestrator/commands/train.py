@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.data_preflight import check_spec_data
-from orchestrator.jobs import on_cluster, run_job
+from orchestrator.run.data_preflight import check_spec_data
+from orchestrator.run.jobs import on_cluster, run_job
 from orchestrator.commands import SPEC_HELP
-from orchestrator.recipes import spec_file
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.recipes import spec_file
+from orchestrator.spec.schema import SpecError
+from orchestrator.spec.load import load_spec
 
 
 def _train(args: argparse.Namespace) -> int:

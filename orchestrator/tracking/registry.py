@@ -1,0 +1,450 @@
+"""The MLflow Model Registry: register a sweep's best trial (or a run), aliases, model cards.
+
+A registered version is an MLflow pyfunc model (workloads/pyfunc.py) logged into the trial's (or the
+`restorch train` job's) own run, so its lineage is the run: tags carry the task, the metric protocol and
+its version, the validation data and metrics, params and conv GMACs, training images/s, the
+sweep/trial/run ids and the git commit; the version's description is its model card (also an artifact):
+those, the model's full options, its evaluations (`restorch evaluate --model`) and the command that
+reproduces the training. Aliases (`champion`, ...) replace MLflow's deprecated stages. The MLflow names
+read here are the ones the runs are written with (orchestrator/tracking/keys.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, GIT_COMMIT_TAG, IMAGES_PER_S, JOB_TAG, MODEL_ARTIFACT, MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PARAMS_M, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SPEC_ARTIFACT, SOURCE_RUN_TAG, STOPPED_BY_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
+from orchestrator.tracking.runs import get_or_create_experiment, resolve_uri
+
+TRAIN_SPEC_ARTIFACT = "registry/train_spec.yaml"
+EVALUATION_EXPERIMENT = "restorch-evaluations"
+VERSION_PIP_REQUIREMENTS = ["restorch", "torch", "mlflow", "numpy"]
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be served; the message says what exists."""
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """`name`, `name@alias`, `name/version` or `models:/name@alias` / `models:/name/version`."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelReference:
+        body = text.removeprefix("models:/")
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return cls(name, alias=alias)
+        if "/" in body:
+            name, version = body.split("/", 1)
+            return cls(name, version=version)
+        return cls(body)
+
+    @property
+    def uri(self) -> str:
+        suffix = f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else ""
+        return f"models:/{self.name}{suffix}"
+
+
+FLUENT_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, register_model, load_model) reads process-wide URIs,
+    and setting them also sets $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI. Set them for the block only:
+    a long-lived process (the service, a notebook, a test session) would otherwise keep sending its
+    later runs and registry calls to this store, and every MlflowClient without a registry URI with them."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in FLUENT_URI_ENV}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def client_for(uri: str | None = None) -> MlflowClient:
+    """A client of the tracking store (`uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db), which is
+    also the registry."""
+    resolved = resolve_uri(uri)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+# ------------------------------------------------------------------------------------------------
+# which run to register
+
+
+def _children(client: MlflowClient, run: Run) -> list[Run]:
+    return client.search_runs([run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
+
+
+def _top_level_runs(client: MlflowClient, name: str | None = None) -> list[Run]:
+    """Runs that are not trials (sweeps, single jobs), newest first; only those called `name` if given."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    where = f"attributes.run_name = '{name}'" if name else ""
+    runs = client.search_runs(experiments, filter_string=where, order_by=["attributes.start_time DESC"],
+                              max_results=500) if experiments else []
+    return [run for run in runs if PARENT_TAG not in run.data.tags]
+
+
+def best_child(client: MlflowClient, parent: Run, metric: str, mode: str) -> Run:
+    candidates = [run for run in _children(client, parent)
+                  if run.info.status == "FINISHED" and metric in run.data.metrics and STOPPED_BY_TAG not in run.data.tags]
+    if not candidates:
+        raise RegistryError(
+            f"sweep run {parent.info.run_id} ({parent.info.run_name}) has no trial that finished training with "
+            f"metric {metric!r}; "
+            "register a specific run id, or choose another --metric"
+        )
+    return (max if mode == "max" else min)(candidates, key=lambda run: run.data.metrics[metric])
+
+
+def resolve_source(client: MlflowClient, source: str, metric: str, mode: str) -> Run:
+    """The run to register: the run with this id, or the best trial of the sweep with this name/id."""
+    run = None
+    if _RUN_ID.match(source):
+        try:
+            run = client.get_run(source)
+        except MlflowException:
+            run = None
+    if run is None:
+        sweeps = _top_level_runs(client, source)
+        if not sweeps:
+            runs = [r for r in _top_level_runs(client) if SWEEP_TAG in r.data.tags or MODEL_TAG in r.data.tags]
+            names = ", ".join(sorted({r.info.run_name for r in runs if SWEEP_TAG in r.data.tags})) or "none"
+            models = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs if MODEL_TAG in r.data.tags) or "none"
+            raise RegistryError(f"no run id or sweep called {source!r} in the tracking store; sweeps: {names}; "
+                                f"runs that hold a model: {models}")
+        run = sweeps[0]
+    if PARENT_TAG not in run.data.tags and _children(client, run):
+        return best_child(client, run, metric, mode)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# registering
+
+
+def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get(SOURCE_RUN_TAG) == run_id), None)
+
+
+def _check_registrable(client: MlflowClient, run: Run, metric: str) -> None:
+    run_id = run.info.run_id
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+    if Path(MODEL_ARTIFACT).name not in names:
+        raise RegistryError(
+            f"run {run_id} has no {MODEL_ARTIFACT} artifact (the consolidated model a finished job logs); "
+            "register a run whose training finished"
+        )
+    if metric not in run.data.metrics:
+        have = ", ".join(sorted(run.data.metrics)) or "none"
+        raise RegistryError(f"run {run_id} has no metric {metric!r} (it has: {have}); it never validated, or choose --metric")
+
+
+def _spec_artifact(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    from orchestrator.spec.load import read_spec_yaml
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            text = Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text()
+        except (MlflowException, OSError):
+            return None
+    return read_spec_yaml(text, f"{SPEC_ARTIFACT} of run {run_id}")
+
+
+def train_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:
+    """The spec that reproduces this run with `restorch train`: a trial's sweep spec with the trial's
+    searched values filled in, or a `restorch train` job's own spec; under a name of its own (the same
+    name in the same storage would resume the finished job instead of training again)."""
+    from orchestrator.spec.schema import set_dotted
+
+    parent_id = run.data.tags.get(PARENT_TAG)
+    if parent_id:
+        spec = _spec_artifact(client, parent_id)
+        if spec is None:
+            return None
+        parent = client.get_run(parent_id)
+        for key in (k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")):
+            if key in run.data.params:
+                set_dotted(spec, key, yaml.safe_load(run.data.params[key]))
+        spec.pop("search", None)
+        spec["name"] = f"{spec.get('name', 'run')}-{run.data.tags.get(TRIAL_TAG, run.info.run_id[:8])}"
+        return spec
+    if JOB_TAG not in run.data.tags:
+        return None
+    spec = _spec_artifact(client, run.info.run_id)
+    if spec is not None:
+        spec["name"] = f"{spec['name']}-reproduced"
+    return spec
+
+
+def reproduce_command(uri: str, run_id: str) -> str:
+    """The shell command that fetches a registered run's train spec and trains it again."""
+    name = Path(TRAIN_SPEC_ARTIFACT).name  # `mlflow artifacts download -d .` writes the file itself, no folders
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow artifacts download -r {run_id} "
+            f"-a {TRAIN_SPEC_ARTIFACT} -d . && restorch train {name}")
+
+
+def version_tags(run: Run, metric: str) -> dict[str, str]:
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    values = {
+        "task": params.get(TASK_PARAM, ""),
+        "metric": metric,
+        "protocol": tags.get(PROTOCOL_TAG, ""),
+        "protocol_version": tags.get(PROTOCOL_VERSION_TAG, ""),
+        "data": tags.get(DATA_TAG, ""),
+        "params_m": f"{metrics[PARAMS_M]:.3f}" if PARAMS_M in metrics else "",
+        "conv_gmacs": f"{metrics[CONV_GMACS]:.3f}" if CONV_GMACS in metrics else "",
+        "images_per_s": f"{metrics[IMAGES_PER_S]:.2f}" if IMAGES_PER_S in metrics else "",
+        "run_id": run.info.run_id,
+        "sweep_run_id": tags.get(PARENT_TAG, ""),
+        "trial_id": tags.get(TRIAL_TAG, ""),
+        "git_commit": tags.get(GIT_COMMIT_TAG, ""),
+    }
+    for name in ("psnr", "ssim", "mrae", "rmse"):
+        if name in metrics:
+            values[f"val.{name}"] = f"{metrics[name]:.4f}"
+    return {key: value for key, value in values.items() if value}
+
+
+def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
+    """The version's model card, from its tags (those of its run and of its evaluations) and its run's params."""
+    name, tags = version.name, version.tags
+    metric_rows = "\n".join(f"| {k.removeprefix('val.')} | {v} |" for k, v in tags.items() if k.startswith("val."))
+    lineage = "\n".join(f"- {label}: `{tags[key]}`" for key, label in
+                        [("run_id", "run"), ("sweep_run_id", "sweep run"), ("trial_id", "trial"), ("git_commit", "git commit")]
+                        if key in tags)
+    model_options = "\n".join(f"- `{k.removeprefix(MODEL_PREFIX)}`: {v}" for k, v in sorted(run.data.params.items())
+                               if k.startswith(MODEL_PREFIX))
+    protocol = f"v{tags['protocol_version']}: {tags['protocol']}" if "protocol" in tags else "not recorded with the run"
+    return f"""# {name} v{version.version}
+
+Task: **{tags.get('task', '?')}**. Metric protocol {protocol}.
+
+## Validation
+Data: {tags.get('data', 'not recorded with the run')}
+
+| metric | value |
+|---|---|
+{metric_rows}
+{_evaluations(tags)}
+## Cost
+- params: {tags.get('params_m', '?')} M
+- conv GMACs at 256x256: {tags.get('conv_gmacs', '?')}
+- training throughput: {tags.get('images_per_s', '?')} images/s
+
+## Model options
+{model_options}
+
+## Lineage
+{lineage}
+
+## Reproduce
+```
+{reproduce}
+```
+
+## Use
+```
+restorch restore --model models:/{name}/{version.version} --input in.png --output out.png
+```
+Input: float32 NCHW batch in [0, 1], any batch size and image size.
+"""
+
+
+def _evaluations(tags: dict[str, str]) -> str:
+    """The card's section on the version's evaluations (`eval.{data}.*` tags), empty if none."""
+    sets = sorted({key.split(".")[1] for key in tags if key.startswith("eval.") and key.endswith(".run_id")})
+    if not sets:
+        return ""
+    lines = ["", "## Evaluations"]
+    for data in sets:
+        prefix = f"eval.{data}."
+        values = ", ".join(f"{key.removeprefix(prefix)} {value}" for key, value in sorted(tags.items())
+                           if key.startswith(prefix) and key.removeprefix(prefix) not in ("run_id", "data", "protocol"))
+        lines += [f"- {tags.get(prefix + 'data', data)}: {values} (metric protocol {tags.get(prefix + 'protocol', '?')}; "
+                  f"run `{tags[prefix + 'run_id']}`)"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_card(client: MlflowClient, version: ModelVersion, uri: str) -> ModelVersion:
+    """The version's card from its current tags, as its description and as an artifact of its run."""
+    run = client.get_run(version.run_id)
+    has_spec = any(a.path == TRAIN_SPEC_ARTIFACT for a in client.list_artifacts(run.info.run_id, "registry"))
+    reproduce = reproduce_command(uri, run.info.run_id) if has_spec else f"see run {run.info.run_id}"
+    card = model_card(version, run, reproduce)
+    client.log_text(run.info.run_id, card, f"registry/model_card_{version.name}_v{version.version}.md")
+    client.update_model_version(version.name, version.version, description=card)
+    return client.get_model_version(version.name, version.version)
+
+
+def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max", uri: str | None = None) -> ModelVersion:
+    """Register `source` (a run id, or a sweep name/id: its best trial by `metric`) as a new version
+    of `name`; the same run registered again returns its existing version."""
+    import mlflow
+
+    from workloads.pyfunc import WEIGHTS_ARTIFACT, RestorationModel, image_signature
+
+    resolved = resolve_uri(uri)
+    client = client_for(resolved)
+    run = resolve_source(client, source, metric, mode)
+    run_id = run.info.run_id
+    existing = _existing_version(client, name, run_id)
+    if existing is not None:
+        return existing
+    _check_registrable(client, run, metric)
+
+    tags = version_tags(run, metric)
+    spec = train_spec(client, run)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = client.download_artifacts(run_id, MODEL_ARTIFACT, folder)
+        model_config = _torch_load_config(weights)
+        in_channels = int(model_config.get("inp_channels", 3))
+        out_channels = int(model_config.get("out_channels", in_channels))
+        if spec is not None:
+            client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), TRAIN_SPEC_ARTIFACT)
+        with fluent_store(resolved), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="registered_model",
+                python_model=RestorationModel(),
+                artifacts={WEIGHTS_ARTIFACT: weights},
+                signature=image_signature(in_channels, out_channels),
+                pip_requirements=VERSION_PIP_REQUIREMENTS,
+            )
+    with fluent_store(resolved):
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, SOURCE_RUN_TAG: run_id})
+    return _write_card(client, client.get_model_version(name, version.version), resolved)
+
+
+def _torch_load_config(path: str) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["model_config"]
+
+
+# ------------------------------------------------------------------------------------------------
+# looking up versions
+
+
+def registered_names(client: MlflowClient) -> list[str]:
+    return sorted(model.name for model in client.search_registered_models())
+
+
+def get_version(client: MlflowClient, reference: ModelReference) -> ModelVersion:
+    """The version a reference points at (latest version when neither alias nor version is given)."""
+    try:
+        model = client.get_registered_model(reference.name)
+    except MlflowException:
+        names = ", ".join(registered_names(client)) or "none"
+        raise RegistryError(f"no registered model {reference.name!r}; registered models: {names}") from None
+    versions = client.search_model_versions(f"name = '{reference.name}'")
+    if reference.alias:
+        if reference.alias not in model.aliases:
+            aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
+            raise RegistryError(f"model {reference.name!r} has no alias @{reference.alias}; aliases: {aliases}")
+        return client.get_model_version_by_alias(reference.name, reference.alias)
+    if reference.version:
+        match = [v for v in versions if str(v.version) == str(reference.version)]
+        if not match:
+            existing = ", ".join(str(n) for n in sorted(int(v.version) for v in versions)) or "none"
+            raise RegistryError(f"model {reference.name!r} has no version {reference.version}; versions: {existing}")
+        return match[0]
+    return max(versions, key=lambda v: int(v.version))
+
+
+def promote(client: MlflowClient, name: str, version: str, alias: str) -> ModelVersion:
+    get_version(client, ModelReference(name, version=version))
+    client.set_registered_model_alias(name, alias, version)
+    return client.get_model_version(name, version)
+
+
+def load_network(reference: str, uri: str | None = None) -> tuple[Any, ModelVersion]:
+    """The torch network of a registered version (through its pyfunc model), and the version."""
+    import mlflow.pyfunc
+
+    resolved = resolve_uri(uri)
+    version = get_version(client_for(resolved), ModelReference.parse(reference))
+    with fluent_store(resolved):
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    return model.unwrap_python_model().network, version
+
+
+def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float | None = None,
+                     uri: str | None = None) -> tuple[dict[str, Any], str]:
+    """The benchmark record of a registered version on a dataset folder (by the task protocol),
+    logged to a new run that is linked to the version (tags both ways). Returns (record, run id)."""
+    from orchestrator.tracking.runs import log_params, numeric_metrics
+    from workloads.data import PairedDataset
+    from workloads.inference import restore
+    from workloads.metrics import PROTOCOL_VERSION
+    from workloads.tasks import get_task
+
+    task = get_task(task_name, sigma=sigma)
+    dataset = PairedDataset(data, task)
+    network, version = load_network(reference, uri)
+    multiple = getattr(network, "size_multiple", 8)
+    per_image = {}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        output = restore(network, item["input"][None], multiple=multiple)[0]
+        per_image[item["name"]] = task.protocol.measure(output.numpy().transpose(1, 2, 0),
+                                                        item["target"].numpy().transpose(1, 2, 0))
+    record = {"task": task.name, "model": f"models:/{version.name}/{version.version}", "data": str(data),
+              **task.protocol.report(per_image)}
+
+    resolved = resolve_uri(uri)
+    client = client_for(resolved)
+    source = client.get_run(version.run_id)
+    run = client.create_run(get_or_create_experiment(client, EVALUATION_EXPERIMENT, resolved),
+                            run_name=f"eval-{version.name}-v{version.version}-{data.name}", tags={
+        MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: record["model"],
+        DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),
+        PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
+    })
+    run_id = run.info.run_id
+    # what the numbers are of: the evaluated model's options and size, as its training run logged them
+    log_params(client, run_id, {k: v for k, v in source.data.params.items() if k.startswith(MODEL_PREFIX)})
+    sizes = {key: source.data.metrics[key] for key in (PARAMS_M, CONV_GMACS) if key in source.data.metrics}
+    client.log_batch(run_id, metrics=numeric_metrics({**sizes, **record["mean"]}, 0))
+    client.log_dict(run_id, record, "evaluation.json")
+    client.set_terminated(run_id)
+    prefix = f"eval.{data.name}"
+    evaluation = {**{f"{prefix}.{name}": f"{value:.4f}" for name, value in record["mean"].items()},
+                  f"{prefix}.run_id": run_id, f"{prefix}.data": str(data),
+                  f"{prefix}.protocol": f"v{PROTOCOL_VERSION}: {task.protocol.describe()}"}
+    for key, value in evaluation.items():
+        client.set_model_version_tag(version.name, str(version.version), key, value)
+    _write_card(client, client.get_model_version(version.name, str(version.version)), resolved)
+    return record, run_id
