@@ -1,7 +1,9 @@
-"""`restorch data synth` (write a small synthetic dataset) and `restorch data check` (validate one)."""
+"""`restorch data synth` (write a small synthetic dataset), `restorch data check` (validate one, or
+check it against a standard test set with --benchmark) and `restorch data benchmarks` (the catalogue)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from workloads.tasks import TASKS, get_task
@@ -20,6 +22,10 @@ def _synth(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from workloads.data import check_dataset
 
+    if args.benchmark is not None:
+        return _check_benchmark(args)
+    if args.task is None:
+        raise ValueError("data check needs --task TASK (or --benchmark NAME, whose entry names the task)")
     task = get_task(args.task, sigma=args.sigma)
     scans = check_dataset(args.path, task, patch_size=args.patch_size)
     for scan in scans:
@@ -35,6 +41,42 @@ def _check(args: argparse.Namespace) -> int:
     total = sum(len(scan.problems) for scan in scans)
     print(f"{total} problem(s)" if total else f"ok for {task.name}")
     return 1 if total else 0
+
+
+def _check_benchmark(args: argparse.Namespace) -> int:
+    from workloads.benchmarks import check_benchmark
+
+    check = check_benchmark(args.path, args.benchmark)
+    benchmark = check.benchmark
+    if args.task is not None and args.task != benchmark.task:
+        raise ValueError(f"--task {args.task} does not match {benchmark.name}, a {benchmark.task} benchmark: drop --task")
+    record = check.record(args.sigma)  # validates --sigma against the task
+    sizes = ", ".join(f"{h}x{w}" for h, w in sorted(check.sizes)[:5]) + (" ..." if len(check.sizes) > 5 else "")
+    print(f"{benchmark.name} ({benchmark.task}): {check.count} of {benchmark.count} image(s) in {check.root}"
+          + (f", sizes {sizes} (HxW)" if sizes else ""))
+    for warning in check.warnings:
+        print(f"  warning: {warning}")
+    for problem in check.problems:
+        print(f"  problem: {problem}")
+    if check.problems:
+        print(f"{len(check.problems)} problem(s): {check.root} does not match {benchmark.name} "
+              f"(`restorch data benchmarks {benchmark.name}` shows the entry)")
+        return 2
+    print(f"protocol: {record['protocol']['description']} (version {record['protocol']['version']})")
+    if benchmark.metric_notes:
+        print(f"published numbers: {benchmark.metric_notes}")
+    print(f"content digest: {check.digest}")
+    if args.json:
+        print(json.dumps(record))
+    return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> int:
+    from workloads.benchmarks import BENCHMARKS, get_benchmark
+
+    entries = [get_benchmark(name) for name in args.names] if args.names else list(BENCHMARKS.values())
+    print("\n\n".join(entry.describe() for entry in entries))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     check = commands.add_parser("check", help="validate a dataset folder: counts, sizes, problems")
     check.add_argument("path", type=Path, help="dataset folder (or a folder of splits, e.g. train/ and val/)")
-    check.add_argument("--task", required=True, choices=list(TASKS))
+    check.add_argument("--task", choices=list(TASKS), help="the task the data is for (with --benchmark: its entry's)")
+    check.add_argument("--benchmark", metavar="NAME", help="check the folder against a standard test set "
+                       "(count, pairing, sizes) and print its content digest; `restorch data benchmarks` lists them")
     check.add_argument("--patch-size", type=int, help="training patch size to check images against")
     check.add_argument("--sigma", type=float, help="noise level for gaussian_denoising")
+    check.add_argument("--json", action="store_true", help="with --benchmark: also print the record a result keeps "
+                       "(benchmark, protocol and version, digest) as JSON")
     check.set_defaults(handler=_check)
+
+    benchmarks = commands.add_parser("benchmarks", help="the standard test sets: layout, count, protocol, sources")
+    benchmarks.add_argument("names", nargs="*", metavar="NAME", help="entries to show (default: all)")
+    benchmarks.set_defaults(handler=_benchmarks)
