@@ -25,7 +25,7 @@ TINY = Benchmark("TinyRain", "deraining", 4, "restormer", "input/ + target/", ("
 def test_catalogue_is_consistent():
     required = {"Rain100L", "Rain100H", "Test100", "Test1200", "Test2800", "SIDD-val", "DND", "CBSD68", "Kodak24",
                 "McMaster", "Urban100", "GoPro", "HIDE", "RealBlur-J", "RealBlur-R", "LOL-v1", "SOTS-indoor",
-                "SOTS-outdoor", "Snow100K-L", "ARAD-1K-val"}
+                "SOTS-outdoor", "Snow100K-L", "Snow100K-2000", "LOL-v2-real", "LOL-v2-synthetic", "ARAD-1K-val"}
     assert required <= set(BENCHMARKS)
     for name, entry in BENCHMARKS.items():
         assert entry.name == name
@@ -148,3 +148,25 @@ def test_other_layout_fails_naming_what_the_folder_holds(tiny, capsys):
     (tiny / "target").rename(tiny / "gt")
     code, out = _check(tiny, capsys)
     assert code == 2 and "should hold one TinyRain set laid out as input/ + target/" in out and "basicsr layout" in out
+
+
+def test_unconfirmed_count_only_warns(tiny, monkeypatch, capsys):
+    monkeypatch.setitem(BENCHMARKS, TINY.name, dataclasses.replace(TINY, count=5, count_confirmed=False))
+    code, out = _check(tiny, capsys)
+    assert code == 0, out
+    assert "warning:" in out and "holds 4 image(s), TinyRain has 5" in out and "not confirmed" in out
+    assert _digest(out)
+
+
+def test_sots_hazy_images_share_their_clean_image(monkeypatch, tmp_path):
+    monkeypatch.setitem(BENCHMARKS, "SOTS-indoor", dataclasses.replace(BENCHMARKS["SOTS-indoor"], count=3))
+    rng = np.random.default_rng(0)
+    for name in ("1400_1.png", "1400_2.png", "1401_1.png"):
+        (tmp_path / "hazy").mkdir(exist_ok=True)
+        write_image(tmp_path / "hazy" / name, rng.random((24, 20, 3)))
+    for name in ("1400.png", "1401.png"):
+        (tmp_path / "gt").mkdir(exist_ok=True)
+        write_image(tmp_path / "gt" / name, rng.random((24, 20, 3)))
+    check = benchmarks.check_benchmark(tmp_path, "SOTS-indoor")
+    assert not check.problems and check.count == 3
+    assert check.digest == content_digest(tmp_path, sorted((tmp_path / "hazy").iterdir()) + sorted((tmp_path / "gt").iterdir()))

@@ -28,10 +28,16 @@ Sources (read for this catalogue; repository paths at the snapshot fetched on 20
   50 validation, 50 test, 482x512, 31 bands 400-700 nm.
 - [MW] MathWorks, "SSIM calculation for RGB images" (MATLAB Answers 2142916): MATLAB's `ssim(A, ref)` on
   an RGB array treats it as a 3-D volume ('SSS'); it differs from the mean of per-channel SSIMs.
+- [H] HINT's Desnowing test_snow100k.py and evaluate_Snow100k.py (copies found by content in the public
+  code index; their repository was not identified): Snow100K test2000/Snow + test2000/Gt (.jpg), tiled
+  inference (256 tiles, 128 overlap), PSNR/SSIM by Restormer's utils.calculate_psnr/calculate_ssim (RGB,
+  per-channel SSIM, cv2 Gaussian 11x11 sigma 1.5, 'valid').
 - [T] Third-party counts of the released files, not an authors' statement: a deraining evaluation README
   (Rain100H/L 100, Test100 98, Test1200 1200, Test2800 2800), a thesis table (same counts, SOTS outdoor
   500), a RESIDE dataset module (SOTS indoor 500, outdoor 500), the `restorers` LOL docs (LOL 485 train
-  + 15 test pairs of 400x600).
+  + 15 test pairs of 400x600), a GoPro loader that requires 11 test sequences / 1111 pairs, a LOL-v2
+  Real comparison on "all 100 official test lows", the HVI-CIDNet README (LOL numbers reported with and
+  without "GT mean", i.e. the output rescaled to the target's mean brightness).
 """
 from __future__ import annotations
 
@@ -52,6 +58,10 @@ _MATLAB_Y_SSIM = (
     "Y of MATLAB rgb2ycbcr on uint8, Wang's SSIM_index (Gaussian 11x11 sigma 1.5, 'valid'), "
     "PSNR 20 log10(255/RMSE), no border crop: the protocol as restorch defines it. The script pairs "
     "results with targets by sorted listing order, not by name [R Deraining/evaluate_PSNR_SSIM.m]"
+)
+_GT_MEAN = (
+    "some low-light papers also report numbers 'with GT mean' (the output rescaled to the target's mean "
+    "brightness before metrics) [T HVI-CIDNet README]; restorch does not rescale, so compare with the plain ones"
 )
 _MATLAB_RGB = (
     "MATLAB built-in psnr and ssim on RGB uint8. PSNR matches restorch's; MATLAB's ssim treats an RGB "
@@ -119,12 +129,14 @@ def _gaussian(name: str, count: int, folder: str, *, count_in_name: bool = True)
     )
 
 
-def _deblurring(name: str, count: int, folder: str, notes: str, sources: tuple[str, ...]) -> Benchmark:
+def _deblurring(name: str, count: int, folder: str, notes: str, sources: tuple[str, ...], *,
+                count_confirmed: bool = False) -> Benchmark:
     return Benchmark(
         name, "motion_deblurring", count, "restormer",
         f"Datasets/test/{folder}/input + target [R Motion_Deblurring/Datasets/README.md]",
-        sources, metric_notes=notes, count_confirmed=False,
-        unconfirmed=(f"the count {count} (quoted from the Restormer paper's dataset section from memory, not re-read)",),
+        sources, metric_notes=notes, count_confirmed=count_confirmed,
+        unconfirmed=() if count_confirmed else
+        (f"the count {count} (as the Restormer paper's dataset section is usually quoted; not re-read)",),
     )
 
 
@@ -168,7 +180,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         _gaussian("McMaster", 18, "McMaster", count_in_name=False),
         _gaussian("Urban100", 100, "Urban100"),
         _deblurring("GoPro", 1111, "GoPro", _MATLAB_RGB + "; pairs by sorted order [R Motion_Deblurring/evaluate_gopro_hide.m]",
-                    ("[R] Motion_Deblurring/evaluate_gopro_hide.m",)),
+                    ("[R] Motion_Deblurring/evaluate_gopro_hide.m", "[T] count 1111 (11 test sequences)"),
+                    count_confirmed=True),
         _deblurring("HIDE", 2025, "HIDE", _MATLAB_RGB + "; pairs by sorted order [R Motion_Deblurring/evaluate_gopro_hide.m]",
                     ("[R] Motion_Deblurring/evaluate_gopro_hide.m",)),
         _deblurring("RealBlur-J", 980, "RealBlur_J", _REALBLUR,
@@ -178,8 +191,21 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "LOL-v1", "low_light", 15, "lol_v1", "eval15/low + eval15/high, same file names [T restorers LOL docs]",
             ("[T] LOL: 485 train + 15 test pairs, 400x600 (Wei et al., BMVC 2018, as summarised by the restorers docs)",),
-            size=(400, 600),
+            size=(400, 600), metric_notes=_GT_MEAN,
             unconfirmed=("the SSIM definition of the papers' scripts (not read)",),
+        ),
+        Benchmark(
+            "LOL-v2-real", "low_light", 100, "lol_v2",
+            "LOLv2/Real_captured/Test/Low + Normal (lowNNNNN.png pairs with normalNNNNN.png)",
+            ("[T] 100 official test pairs", "HINT evaluates on LOL-v2 real and synthetic (shared/seeds/000, Fig. 4)"),
+            metric_notes=_GT_MEAN,
+            unconfirmed=("the SSIM definition and script of the papers (HINT's test_from_dataset_LOLv2_Real.py was not found)",),
+        ),
+        Benchmark(
+            "LOL-v2-synthetic", "low_light", 100, "lol_v2", "LOLv2/Synthetic/Test/Low + Normal, same file names",
+            ("HINT evaluates on LOL-v2 real and synthetic (shared/seeds/000, Fig. 4)",),
+            metric_notes=_GT_MEAN, count_confirmed=False,
+            unconfirmed=("the count 100 (no source read states it)", "the SSIM definition and script of the papers"),
         ),
         Benchmark(
             "SOTS-indoor", "dehazing", 500, "sots",
@@ -195,6 +221,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             "SOTS/outdoor/hazy + gt (clear/ in some copies: rename it gt/), hazy names prefixed by the clean id",
             ("[T] RESIDE dataset module and a thesis table: SOTS outdoor 500",),
             unconfirmed=("the metric script of the papers (not read)",),
+        ),
+        Benchmark(
+            "Snow100K-2000", "desnowing", 2000, "restormer",
+            "Snow100K/test2000/Snow (snowy) + test2000/Gt (.jpg), same names as HINT's scripts read them [H]; rename "
+            "Snow/ to input/ and Gt/ to target/ for this check",
+            ("[H] test_snow100k.py, evaluate_Snow100k.py", "count 2000: the subset's name"),
+            metric_notes=("RGB PSNR and per-channel SSIM (cv2 Gaussian 11x11 sigma 1.5, 'valid'), no crop: restorch's "
+                          "protocol; HINT restores with 256 px tiles overlapping 128 px [H]"),
+            unconfirmed=("how the 2000 images were drawn from Snow100K's test set",),
         ),
         Benchmark(
             "Snow100K-L", "desnowing", 16801, "restormer",
