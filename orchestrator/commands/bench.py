@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from orchestrator.commands import command_group
 from orchestrator.report.results import format_table
 
-DTYPES = ("fp32", "bf16")  # the keys of orchestrator/benchmarks.DTYPES: --help imports no torch
+DTYPES = ("fp32", "bf16")  # the keys of orchestrator/run/benchmarks.DTYPES: --help imports no torch
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -41,8 +42,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="speed benchmarks (ratios measured in one run)")
-    commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    commands = command_group(subparsers, "bench", "speed benchmarks (ratios measured in one run)")
 
     def common(parser: argparse.ArgumentParser, repeats: int) -> argparse.ArgumentParser:
         parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

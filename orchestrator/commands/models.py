@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from orchestrator.commands import command_group
+
 if TYPE_CHECKING:
     from models.profile import ModelProfile
 
@@ -86,8 +88,7 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    models = subparsers.add_parser("models", help="list and profile the registered models")
-    commands = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    commands = command_group(subparsers, "models", "list and profile the registered models")
     commands.add_parser("list", help="registered models and their default options").set_defaults(handler=_list)
     profile = commands.add_parser("profile", help="params, conv GMACs and total GMACs of a model")
     profile.add_argument("name", help="registered model name (see `restorch models list`)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from orchestrator.commands import SPEC_HELP
+from orchestrator.commands import SPEC_HELP, command_group
 from orchestrator.spec.recipes import spec_file
 from orchestrator.spec.schema import json_schema
 from orchestrator.spec.load import load_spec
@@ -27,8 +27,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    spec = subparsers.add_parser("spec", help="experiment spec schema and validation")
-    commands = spec.add_subparsers(dest="spec_command", required=True, metavar="SUBCOMMAND")
+    commands = command_group(subparsers, "spec", "experiment spec schema and validation")
     commands.add_parser("schema", help="print the JSON schema of experiment specs (for editor completion)").set_defaults(handler=_schema)
     check = commands.add_parser("check", help="validate a spec and print how many trials it launches")
     check.add_argument("spec", metavar="SPEC|RECIPE", help=SPEC_HELP)

@@ -2,7 +2,22 @@
 a line when a trial starts, one line per trial report (iteration, loss, the task's metrics, images/s,
 the trial's ETA), a line when a trial ends (finished, stopped early by the scheduler, or failed: its
 one-line cause and where the traceback is), and then the table of the sweep's trials. (A trial stops
-early by the scheduler's decision, e.g. ASHA's, or at the sweep's time budget.)"""
+early by the scheduler's decision, e.g. ASHA's, or at the sweep's time budget.)
+
+The trial-end lines come from Tune's own hooks (`Callback.on_trial_complete` / `on_trial_error`). The
+table is not Tune's reporter (`RunConfig(progress_reporter=CLIReporter(...))`, Ray 2.60), because:
+- Tune uses a reporter only in its legacy output (`RAY_AIR_NEW_OUTPUT=0` and `verbose >= 1`); under the
+  default output it drops a given reporter with a warning (ray/tune/tune.py).
+- A reporter is called from Tune's loop with the list of trials, at most every `max_report_frequency`
+  seconds: it never sees a single result, so it cannot print one line per report (with the ETA since
+  the previous one) nor a line when a trial starts or ends; those need these Callback hooks anyway.
+- CLIReporter's table (tabulate's psql, Tune's columns, `== Status ==` with the scheduler's and the
+  resources' lines, printed to standard output, which in quiet mode is the sweep's log) is not the one
+  restorch prints (`format_table`, like the results table, via `console.print`): a subclass overriding
+  its report and printing would keep nothing of it but the call every few seconds.
+A failed trial's cause is read from the pickle Tune writes into the trial's driver-side folder before
+the callbacks run, not with `Trial.get_pickled_error()`, which reads the copy in the sweep's storage,
+uploaded later (on S3 possibly after this callback)."""
 from __future__ import annotations
 
 import math
