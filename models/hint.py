@@ -5,10 +5,27 @@ the latent level has 6 blocks, and the latent, decoder 3/2/1 and refinement bloc
 blocks with HMHA+QKCU in place of MDTA: 26 attention blocks, 24,873,812 parameters by default.
 Stem, samplers, skips, GDFN and LayerNorm are Restormer's (models/unet.py, models/restormer.py).
 
-Config: `hmha: {subspace_ratios, rerank, rank_scope}` and `qkcu: {intra, inter}`; keys left out
-keep their defaults, described in models/attention/hmha.py. Every attention level has
+Config: `hmha: {subspace_ratios, rerank, rank_scope, compat}` and `qkcu: {intra, inter}`; keys left
+out keep their defaults, described in models/attention/hmha.py. Every attention level has
 len(subspace_ratios) heads, and the ratios must split every attention level's width (2*dim, 4*dim,
 8*dim) into whole channel counts.
+
+`hmha.compat` chooses between two forwards with the same parameters (24,873,812 by default):
+- "corrected" (default): restorch's HINT. Use it to train and to compare models.
+- "reference": the authors' forward (github.com/joshyZhou/HINT, basicsr/models/archs/HINT_arch.py),
+  which their released weights need to give their published numbers. It differs in four ways:
+  1. the inter-layer cache survives the call and the next call starts from it, as the authors' model
+     keeps `self.qv_cache` and their test scripts call it image after image (batch 1, names in
+     natsorted order, one GPU); it starts empty at construction and `reset_cache()` empties it; it
+     is not in the state_dict (nor in theirs);
+  2. an attention block that finds no cache (the latent's first block on the first call) leaves
+     its maps unmodulated (corrected: modulates with a zero cache);
+  3. the cache update adds floor(bilinear(A_i) * c_i / C) per head, the authors' `* c_i // dim`,
+     which is 0 wherever a map entry lies in [0, 1) (corrected: true division);
+  4. channels are ranked on the batch-mean query with torch.corrcoef and an unstable sort, and the
+     cache holds batch means, so a sample's output depends on its batch-mates (corrected: the same
+     with rank_scope "batch"; rank_scope "sample" removes the coupling; reference needs "batch").
+  The authors' checkpoints load with models/official_weights.py.
 """
 from __future__ import annotations
 
@@ -24,7 +41,7 @@ from models.attention.hmha import HierarchicalMultiHeadAttention, check_subspace
 from models.layers import GatedDconvFeedForward
 from models.registry import option_group, register_model
 from models.restormer import TransformerBlock, layer_norm
-from models.unet import UNetSkeleton
+from models.unet import ForwardContext, UNetSkeleton
 
 ATTENTION_FREE_STAGES = ("encoder1", "encoder2", "encoder3")
 
@@ -34,7 +51,7 @@ def _hmha_defaults(*keys: str) -> Mapping[str, Any]:
     return MappingProxyType({key: parameters[key].default for key in keys})
 
 
-HMHA_DEFAULTS = _hmha_defaults("subspace_ratios", "rerank", "rank_scope")
+HMHA_DEFAULTS = _hmha_defaults("subspace_ratios", "rerank", "rank_scope", "compat")
 QKCU_DEFAULTS = _hmha_defaults("intra", "inter")
 
 
@@ -89,3 +106,12 @@ class HINT(UNetSkeleton):
             bias,
             dual_pixel_task,
         )
+        self.carries_cache = options["compat"] == "reference"
+        self.carried_context: ForwardContext = {}
+
+    def forward_context(self) -> ForwardContext:
+        return self.carried_context if self.carries_cache else {}
+
+    def reset_cache(self) -> None:
+        """Empty the cache that reference mode carries from call to call."""
+        self.carried_context.clear()

@@ -8,7 +8,8 @@ block is (which attention, which feed-forward) is the model's choice: the skelet
 Each forward pass creates a fresh *forward context*, a dict that the blocks of that pass share
 (HINT carries its inter-layer attention cache in it). It is passed to every module that sets
 `uses_forward_context = True`, as the second argument of its forward; nothing in it outlives the
-call, so the same input always gives the same output.
+call, so the same input always gives the same output (unless a model overrides `forward_context`:
+HINT's reference mode keeps one for the model's lifetime, as the authors' code does).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class UNetSkeleton(nn.Module):
         # Channels-last (NHWC) maps: oneDNN's convolutions run about 1.5x faster forward+backward on
         # CPU than on NCHW (and GPUs prefer it too); the convolutions keep the layout they are given.
         padded = padded.contiguous(memory_format=torch.channels_last)
-        context: ForwardContext = {}
+        context = self.forward_context()
         embedded = self.patch_embed(padded)
         enc1 = self.encoder_level1(embedded, context)
         enc2 = self.encoder_level2(self.down1_2(enc1), context)
@@ -132,6 +133,10 @@ class UNetSkeleton(nn.Module):
         else:
             out = self.output(dec1) + padded
         return out[..., :height, :width]
+
+    def forward_context(self) -> ForwardContext:
+        """The dict the blocks of one forward pass share: a fresh one per call."""
+        return {}
 
     @staticmethod
     def level_of(parameter_name: str) -> str:

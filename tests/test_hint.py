@@ -1,4 +1,4 @@
-"""HINT: exact parameter count, HMHA/QKCU switches, the per-forward cache, batch independence."""
+"""HINT: exact parameter count, HMHA/QKCU switches, the per-forward cache, batch independence, reference mode."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +13,7 @@ from models.attention.hmha import (
     HierarchicalMultiHeadAttention,
     InterLayerModulation,
     IntraLayerModulation,
+    channel_order,
 )
 
 SMALL = {"name": "hint", "dim": 8, "num_blocks": [1, 1, 1, 2], "num_refinement_blocks": 1}
@@ -61,6 +62,7 @@ def test_uniform_without_rerank_is_plain_channel_attention():
         ("hmha", {"rerank": False, "rank_scope": "sample"}, lambda a: not a.rerank and a.per_sample),
         ("qkcu", {"intra": False}, lambda a: a.intra is None and a.inter is not None),
         ("qkcu", {"inter": False}, lambda a: a.inter is None and a.intra is not None),
+        ("hmha", {"compat": "reference"}, lambda a: a.reference and a.inter.reference),
     ],
 )
 def test_options_reachable_from_yaml(tmp_path, group, options, check):
@@ -78,6 +80,8 @@ def test_options_reachable_from_yaml(tmp_path, group, options, check):
         ({**SMALL, "qkcu": {"cross": True}}, "valid qkcu options: intra .*, inter"),
         ({**SMALL, "hmha": {"rank_scope": "global"}}, "rank_scope must be one of batch, sample"),
         ({**SMALL, "qkcu": True}, "'qkcu' must be a mapping"),
+        ({**SMALL, "hmha": {"compat": "authors"}}, "hmha.compat must be one of corrected, reference, got 'authors'"),
+        ({**SMALL, "hmha": {"compat": "reference", "rank_scope": "sample"}}, "compat: reference ranks and caches batch means"),
     ],
 )
 def test_bad_options_fail_clearly(config, message):
@@ -152,3 +156,50 @@ def test_odd_sizes_gradients_determinism_batches():
             out = model(x[:batch])
             assert out.shape == (batch, 3, 17, 13)
             assert torch.equal(out, model(x[:batch]))
+
+
+def test_reference_mode_carries_the_cache_across_calls():
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    outputs = {}
+    for compat in ("corrected", "reference"):
+        torch.manual_seed(7)
+        model = build_model({**SMALL, "hmha": {"compat": compat}}).eval()
+        with torch.no_grad():
+            fresh = model(x)
+            model(y)
+            outputs[compat] = fresh, model(x)
+            if compat == "reference":
+                model.reset_cache()
+                assert torch.equal(model(x), fresh)
+                assert set(model.state_dict()) == set(build_model(SMALL).state_dict())
+    corrected, reference = outputs["corrected"], outputs["reference"]
+    assert torch.equal(*corrected)  # stateless: the second call on x ignores the call on y
+    assert not torch.allclose(*reference, atol=1e-4)  # the cache from the calls before changes x's output
+    assert not torch.allclose(corrected[0], reference[0], atol=1e-4)  # first block and floor division
+
+
+def test_reference_mode_keeps_the_parameter_count():
+    with torch.device("meta"):
+        model = build_model({"name": "hint", "hmha": {"compat": "reference"}})
+    assert sum(p.numel() for p in model.parameters()) == 24_873_812
+
+
+def test_reference_cache_update_floors_and_first_block_does_not_modulate():
+    widths = [2, 4, 4, 6]
+    values = [0.5, 4.5, -0.5, 3.0]
+    maps = [torch.full((3, c, c), v) for c, v in zip(widths, values)]
+    reference = InterLayerModulation(widths, per_sample=False, reference=True)
+    # floor(v_i * c_i / 16): floor(1/16) + floor(18/16) + floor(-2/16) + floor(18/16) = 0 + 1 - 1 + 1
+    torch.testing.assert_close(reference.cache_update(maps), torch.ones(1, 16, 16))
+    corrected = InterLayerModulation(widths, per_sample=False)
+    torch.testing.assert_close(corrected.cache_update(maps), torch.full((1, 16, 16), 35 / 16))
+    context = {}
+    assert all(out is attn for out, attn in zip(reference(maps, context), maps))
+    torch.testing.assert_close(context[CACHE_KEY], torch.full((1, 16, 16), 0.9))
+    assert not torch.equal(reference(maps, context)[0], maps[0])  # with a cache it modulates
+    assert not torch.equal(corrected(maps, {})[0], maps[0])  # corrected modulates with a zero cache
+
+
+def test_reference_ranking_matches_corrected_ranking_on_batch_means():
+    q = torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(channel_order(q, per_sample=False, reference=True), channel_order(q, per_sample=False))

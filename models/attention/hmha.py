@@ -31,6 +31,11 @@ Where restorch departs from the authors' code, on purpose:
   reference does, so the samples of a batch influence each other; "sample" ranks and caches each
   sample on its own, so a sample's output does not depend on its batch-mates.
 
+compat: "reference" undoes the three departures above that live in this module, for the authors'
+released weights (models/hint.py lists every difference): no modulation without a cache, U with
+floor division, and the ranking computed as the authors compute it (torch.corrcoef and an unstable
+sort: a constant channel scores NaN). It needs rank_scope "batch"; HINT carries the cache across calls.
+
 Not registered in models/attention ATTENTIONS: the head count is len(subspace_ratios) rather than a
 free num_heads, and the module takes the forward context; HINT (models/hint.py) builds it directly.
 """
@@ -47,6 +52,7 @@ from models.attention.base import conv_projection, l2_normalize
 from models.unet import ForwardContext
 
 RANK_SCOPES = ("batch", "sample")
+COMPAT_MODES = ("corrected", "reference")
 CACHE_KEY = "hmha_inter_layer_cache"
 CACHE_MOMENTUM = 0.9
 
@@ -72,13 +78,16 @@ def subspace_widths(dim: int, ratios: Sequence[int]) -> list[int]:
     return [dim * r // total for r in ratios]
 
 
-def channel_order(q: torch.Tensor, per_sample: bool) -> torch.Tensor:
+def channel_order(q: torch.Tensor, per_sample: bool, reference: bool = False) -> torch.Tensor:
     """Channel indices sorted by mean Pearson correlation, highest first.
 
     q: (B, C, N). Returns (B, C) indices, or (1, C) from the batch-mean query if not per_sample.
     A constant channel gets correlation 0 with every channel (torch.corrcoef would give NaN).
+    `reference`: the authors' computation (batch mean, torch.corrcoef, unstable sort), bit for bit.
     """
     q = q.detach()
+    if reference:
+        return torch.corrcoef(q.mean(dim=0)).mean(dim=1).sort(descending=True).indices[None]
     if not per_sample:
         q = q.mean(dim=0, keepdim=True)
     centered = F.normalize(q - q.mean(dim=-1, keepdim=True), dim=-1)
@@ -118,19 +127,21 @@ class HeadModulation(nn.Module):
 class InterLayerModulation(nn.Module):
     """QKCU inter-layer: reads the cache from the forward context, modulates every head, updates it."""
 
-    def __init__(self, head_widths: Sequence[int], per_sample: bool) -> None:
+    def __init__(self, head_widths: Sequence[int], per_sample: bool, reference: bool = False) -> None:
         super().__init__()
         self.head_widths = list(head_widths)
         self.dim = sum(head_widths)
         self.per_sample = per_sample
+        self.reference = reference
         self.heads = nn.ModuleList(HeadModulation(width) for width in head_widths)
 
     def forward(self, maps: list[torch.Tensor], context: ForwardContext) -> list[torch.Tensor]:
         cache = context.get(CACHE_KEY)
         if cache is not None:
             cache = F.adaptive_avg_pool2d(cache, self.dim)
-        read = maps[0].new_zeros(1, self.dim, self.dim) if cache is None else cache
-        maps = [head(attn, read) for head, attn in zip(self.heads, maps)]
+        if cache is not None or not self.reference:
+            read = maps[0].new_zeros(1, self.dim, self.dim) if cache is None else cache
+            maps = [head(attn, read) for head, attn in zip(self.heads, maps)]
         update = self.cache_update(maps)
         context[CACHE_KEY] = (
             CACHE_MOMENTUM * update if cache is None else CACHE_MOMENTUM * cache + (1 - CACHE_MOMENTUM) * update
@@ -138,7 +149,10 @@ class InterLayerModulation(nn.Module):
         return maps
 
     def cache_update(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """U = sum_i bilinear(A_i to C x C) * c_i / C: (B, C, C) per sample, else (1, C, C) batch mean."""
+        """U = sum_i bilinear(A_i to C x C) * c_i / C: (B, C, C) per sample, else (1, C, C) batch mean.
+
+        In reference mode each term is floor((bilinear(A_i) * c_i) / C), as the authors' `* c_i // dim`.
+        """
 
         def resized(attn: torch.Tensor) -> torch.Tensor:
             attn = attn.detach()
@@ -146,6 +160,8 @@ class InterLayerModulation(nn.Module):
                 attn = attn.mean(dim=0, keepdim=True)
             return F.interpolate(attn[:, None], size=(self.dim, self.dim), mode="bilinear", align_corners=False)[:, 0]
 
+        if self.reference:
+            return sum(resized(attn) * width // self.dim for attn, width in zip(maps, self.head_widths))
         return sum(resized(attn) * (width / self.dim) for attn, width in zip(maps, self.head_widths))
 
 
@@ -162,6 +178,7 @@ class HierarchicalMultiHeadAttention(nn.Module):
         subspace_ratios: Sequence[int] = (1, 2, 2, 3),
         rerank: bool = True,
         rank_scope: str = "batch",
+        compat: str = "corrected",
         intra: bool = True,
         inter: bool = True,
     ) -> None:
@@ -174,20 +191,25 @@ class HierarchicalMultiHeadAttention(nn.Module):
             )
         if rank_scope not in RANK_SCOPES:
             raise ValueError(f"hmha.rank_scope must be one of {', '.join(RANK_SCOPES)}, got {rank_scope!r}")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"hmha.compat must be one of {', '.join(COMPAT_MODES)}, got {compat!r}")
+        if compat == "reference" and rank_scope != "batch":
+            raise ValueError("hmha.compat: reference ranks and caches batch means as the authors do; set rank_scope: batch")
         self.rerank = rerank
         self.per_sample = rank_scope == "sample"
+        self.reference = compat == "reference"
         # One learnable temperature per head, initialised to 1 (no 1/sqrt(d) scaling), as MDTA.
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = conv_projection(dim, dim * 3, bias)
         self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
         self.intra = IntraLayerModulation(dim) if intra else None
-        self.inter = InterLayerModulation(self.head_widths, self.per_sample) if inter else None
+        self.inter = InterLayerModulation(self.head_widths, self.per_sample, self.reference) if inter else None
 
     def forward(self, x: torch.Tensor, context: ForwardContext | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)
         if self.rerank:
-            index = channel_order(q, self.per_sample)[..., None].expand(q.shape)
+            index = channel_order(q, self.per_sample, self.reference)[..., None].expand(q.shape)
             q, k, v = (t.gather(1, index) for t in (q, k, v))
         q, k = l2_normalize(q), l2_normalize(k)
         maps = [
