@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conftest import TINY_RESTORMER
-from orchestrator.spec.schema import SpecError
+from faults import crash
 from orchestrator.spec.load import parse_spec
 from workloads.storage import filesystem
 from servers import S3_ENV, moto_s3, s3_client, wait_for
@@ -56,7 +56,7 @@ def test_local_folders_and_s3_prefixes_map_to_a_filesystem_and_a_path(s3, s3_end
         out.write(b"hello")
     assert keys(s3) == ["runs/hello.txt"]
 
-    with pytest.raises(SpecError, match="endpoint_url"):
+    with pytest.raises(ValueError, match="storage.endpoint_url"):  # the CLI prints it, exit 2
         filesystem(f"s3://{BUCKET}/runs", "127.0.0.1:9000")
 
 
@@ -126,7 +126,7 @@ def test_train_job_checkpoints_to_s3_and_resumes_from_s3_alone(s3, s3_endpoint, 
     })
     # The first run fails at iteration 5: checkpoints 2 and 4 are committed.
     with pytest.raises(TrainingFailedError):
-        run_job(spec, fault={"rank": 0, "at_iteration": 5, "marker": str(tmp_path / "fault")})
+        run_job(spec, test_hook=crash(0, 5, tmp_path / "fault"))
     stored = keys(s3, "runs/s3job/")
     assert "runs/s3job/checkpoint_manager_snapshot.json" in stored
     for step in (2, 4):
