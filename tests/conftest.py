@@ -88,7 +88,7 @@ def tiny_spec(name: str, data: Path, search_values: dict[str, Any], **sections: 
 def sweep_runs(client: Any, experiment: str) -> tuple[Any, dict[str, Any]]:
     """The sweep's parent run and its child runs by trial id, from an MlflowClient (asserting there is
     exactly one parent and one child run per trial)."""
-    from orchestrator.tracking.runs import PARENT_TAG, TRIAL_TAG
+    from orchestrator.tracking.keys import PARENT_TAG, TRIAL_TAG
 
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id])

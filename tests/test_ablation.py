@@ -14,11 +14,13 @@ import yaml
 from conftest import TINY_RESTORMER, two_factor_ablation
 from mlflow.tracking import MlflowClient
 
-from orchestrator.spec.ablation import ABLATION_TAG, FACTOR_TAG, VARIANT_TAG, spec_variants
+from orchestrator.spec.ablation import spec_variants
 from orchestrator.run.ablation_run import run_ablation
 from orchestrator.cli import main
 from orchestrator.spec.recipes import recipes, spec_file
-from orchestrator.report.build import CSV_FILE, build_report, child_runs, write_report
+from orchestrator.report.build import build_report, write_report
+from orchestrator.tracking.keys import ABLATION_TAG, CSV_FILE, FACTOR_TAG, VARIANT_TAG
+from orchestrator.tracking.store import child_runs
 from orchestrator.spec.schema import VARIANT_KEY, SpecError
 from orchestrator.spec.load import parse_spec
 from orchestrator.spec.trial import resolve_trial

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
 from orchestrator.run.sweep import TRIAL_RESOURCE
-from orchestrator.tracking.runs import PARENT_TAG
+from orchestrator.tracking.keys import PARENT_TAG
 from servers import BIN, stop_process_group, tracking_server
 
 ITERATIONS = 30

@@ -18,7 +18,7 @@ from conftest import TINY_RESTORMER, sweep_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator.tracking import registry
+from orchestrator.tracking import model_registry
 from orchestrator.cli import main
 from orchestrator.tracking.keys import CONV_GMACS, MODEL_ARTIFACT, PARAMS_M
 from workloads.files import image_bit_depth, read_image, write_image
@@ -72,7 +72,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def test_the_card_of_a_sweep_model_says_what_the_trial_logged(store, workdir, capsys):
-    version = registry.register("regsweep", "card-sweep", uri=store.uri)
+    version = model_registry.register("regsweep", "card-sweep", uri=store.uri)
     run = MlflowClient(store.uri).get_run(version.run_id)
     assert version.run_id in store.trials.values()
     assert version.tags["params_m"] == f"{run.data.metrics[PARAMS_M]:.3f}"
@@ -105,7 +105,7 @@ def test_the_reproduce_command_runs_as_printed_from_an_empty_folder(store, sourc
     """The card's command, run by a shell in an empty folder, fetches a spec that validates (`restorch
     spec check` stands in for `restorch train`: the same file, no training)."""
     run_id = store.trials["0.25"] if source == "sweep" else store.job
-    version = registry.register(run_id, f"repro-{source}", uri=store.uri)
+    version = model_registry.register(run_id, f"repro-{source}", uri=store.uri)
     command = _reproduce_command(version.description)
     download, train = command.split(" && ")
     assert train.startswith("restorch train ")
@@ -125,7 +125,7 @@ def test_the_reproduce_command_runs_as_printed_from_an_empty_folder(store, sourc
 
 def test_compare_shows_the_options_and_metrics_that_differ(store, capsys):
     for kv_reduction in ("0.25", "0.5"):
-        registry.register(store.trials[kv_reduction], "compared", uri=store.uri)
+        model_registry.register(store.trials[kv_reduction], "compared", uri=store.uri)
     assert main(["registry", "compare", "compared", "1", "2", "--tracking-uri", store.uri]) == 0
     rows = {key: values for key, *values in (re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines())}
     assert rows["model option glmha.kv_reduction"] == ["0.25", "0.5"]
@@ -134,9 +134,9 @@ def test_compare_shows_the_options_and_metrics_that_differ(store, capsys):
 
 
 def test_register_is_idempotent_and_tags_lineage(store):
-    version = registry.register(store.job, "derain", uri=store.uri)
-    assert registry.register(store.job, "derain", uri=store.uri).version == version.version
-    client = registry.client_for(store.uri)
+    version = model_registry.register(store.job, "derain", uri=store.uri)
+    assert model_registry.register(store.job, "derain", uri=store.uri).version == version.version
+    client = model_registry.client_for(store.uri)
     assert len(client.search_model_versions("name = 'derain'")) == 1
     assert version.tags["run_id"] == store.job and version.tags["task"] == "deraining"
     assert "# derain v1" in version.description and "restorch restore --model models:/derain/1" in version.description
@@ -147,8 +147,8 @@ def test_register_and_load_leave_the_process_mlflow_uris_alone(store, tmp_path, 
     store reaches that store's registry, not this one's (as in a long-lived service or a test session)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    registry.register(store.job, "uris", uri=store.uri)
-    registry.load_network("uris/1", store.uri)
+    model_registry.register(store.job, "uris", uri=store.uri)
+    model_registry.load_network("uris/1", store.uri)
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     other = f"sqlite:///{tmp_path / 'other.db'}"
     MlflowClient(other).create_registered_model("elsewhere")
@@ -160,7 +160,7 @@ def test_evaluation_runs_store_where_the_store_does_and_join_the_card(store, wor
     """`evaluate --model` from another folder: its run's artifacts go beside the store's others (no stray
     ./mlruns), it records what its numbers are of, and the version's card lists it; `register` of an
     unknown name then suggests the sweep and the runs holding a model, not the evaluation run."""
-    registry.register(store.job, "evaluated", uri=store.uri)
+    model_registry.register(store.job, "evaluated", uri=store.uri)
     assert main(["evaluate", "--model", "models:/evaluated/1", "--data", str(derain_data / "val"), "--task", "deraining",
                  "--tracking-uri", store.uri]) == 0
     run_id = re.search(r"logged to MLflow run ([0-9a-f]{32})", capsys.readouterr().out)[1]
@@ -173,41 +173,41 @@ def test_evaluation_runs_store_where_the_store_does_and_join_the_card(store, wor
     assert run.data.metrics[PARAMS_M] == trained.data.metrics[PARAMS_M]
     assert run.data.params["model.dim"] == trained.data.params["model.dim"]
     assert run.data.tags["restorch.protocol_version"] == "1" and run.data.tags["restorch.data"] == str(derain_data / "val")
-    card = registry.get_version(client, registry.ModelReference("evaluated", version="1")).description
+    card = model_registry.get_version(client, model_registry.ModelReference("evaluated", version="1")).description
     assert "## Evaluations" in card and f"- {derain_data / 'val'}: psnr " in card and run_id in card
 
-    with pytest.raises(registry.RegistryError) as refused:
-        registry.register("nothing", "derain", uri=store.uri)
+    with pytest.raises(model_registry.RegistryError) as refused:
+        model_registry.register("nothing", "derain", uri=store.uri)
     message = str(refused.value)
     assert "no run id or sweep called 'nothing'" in message and "sweeps: regsweep;" in message
     assert f"{store.job} (job)" in message and run.info.run_name not in message
 
 
 def test_register_refuses_runs_without_model_or_metric(store, derain_data, capsys):
-    registry.register(store.job, "refusals", uri=store.uri)
+    model_registry.register(store.job, "refusals", uri=store.uri)
     assert main(["evaluate", "--model", "models:/refusals/1", "--data", str(derain_data / "val"), "--task", "deraining",
                  "--tracking-uri", store.uri]) == 0
     evaluation = re.search(r"logged to MLflow run ([0-9a-f]{32})", capsys.readouterr().out)[1]
-    with pytest.raises(registry.RegistryError, match="no model/model.pt artifact"):
-        registry.register(evaluation, "derain", uri=store.uri)
-    with pytest.raises(registry.RegistryError, match="no metric 'mrae'"):
-        registry.register(store.job, "by-mrae", metric="mrae", uri=store.uri)
+    with pytest.raises(model_registry.RegistryError, match="no model/model.pt artifact"):
+        model_registry.register(evaluation, "derain", uri=store.uri)
+    with pytest.raises(model_registry.RegistryError, match="no metric 'mrae'"):
+        model_registry.register(store.job, "by-mrae", metric="mrae", uri=store.uri)
 
 
 def test_unknown_model_alias_version_list_what_exists(store, capsys):
-    registry.register(store.job, "aliased", uri=store.uri)
+    model_registry.register(store.job, "aliased", uri=store.uri)
     assert main(["registry", "promote", "aliased", "1", "--alias", "champion", "--tracking-uri", store.uri]) == 0
     for reference, message in [("models:/nope@champion", "no registered model 'nope'; registered models: "),
                                ("models:/aliased@prod", "no alias @prod; aliases: @champion (v1)"),
                                ("models:/aliased/7", "no version 7; versions: 1")]:
-        with pytest.raises(registry.RegistryError, match=re.escape(message)):
-            registry.load_network(reference, store.uri)
+        with pytest.raises(model_registry.RegistryError, match=re.escape(message)):
+            model_registry.load_network(reference, store.uri)
     assert main(["registry", "show", "aliased@champion", "--tracking-uri", store.uri]) == 0
     assert "aliased v1 @champion" in capsys.readouterr().out
 
 
 def test_registered_model_loads_in_a_fresh_process_without_ray_or_deepspeed(store, tmp_path):
-    registry.register(store.job, "fresh", uri=store.uri)
+    model_registry.register(store.job, "fresh", uri=store.uri)
     image = np.random.default_rng(0).random((2, 3, 21, 30), dtype=np.float32)
     np.save(tmp_path / "batch.npy", image)
     script = (
@@ -224,8 +224,8 @@ def test_registered_model_loads_in_a_fresh_process_without_ray_or_deepspeed(stor
 
 
 def test_restore_keeps_bit_depth_and_any_size(store, tmp_path):
-    registry.register(store.job, "restoring", uri=store.uri)
-    registry.promote(registry.client_for(store.uri), "restoring", "1", "champion")
+    model_registry.register(store.job, "restoring", uri=store.uri)
+    model_registry.promote(model_registry.client_for(store.uri), "restoring", "1", "champion")
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(1)

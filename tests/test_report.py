@@ -20,13 +20,17 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator.spec.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.spec.ablation import Variant, spec_variants
 from orchestrator.cli import main
-from orchestrator.tracking.keys import MACHINE_TAG
-from orchestrator.report.build import (CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, build_report, child_runs, write_report)
+from orchestrator.tracking import model_registry
+from orchestrator.tracking.keys import (ABLATION_TAG, CSV_FILE, DATA_TAG, FACTOR_TAG, HTML_FILE, LATEX_FILE, MACHINE_TAG,
+                                        MARKDOWN_FILE, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SEED_TAG, TRIAL_TAG,
+                                        VARIANT_TAG)
+from orchestrator.report.build import build_report, write_report
 from orchestrator.report.formats import Column, best_value, markdown_table
 from orchestrator.spec.load import parse_spec
-from orchestrator.tracking.runs import PARENT_TAG, open_sweep_run
+from orchestrator.tracking.runs import open_sweep_run
+from orchestrator.tracking.store import child_runs
 from workloads.metrics import over_sets
 from workloads.train import machine_name
 
@@ -233,9 +237,10 @@ def ray_two_slots() -> Any:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # five Ray Train jobs on a shared, loaded machine: about 10 minutes seen at load 10-30
-def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slots: Any) -> None:
+def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slots: Any, capsys: Any) -> None:
     """2 factors x 2 settings + the baseline, trained: 5 variants, each one child run; the report's
-    numbers are the MLflow metrics; `restorch report` in a fresh folder writes the same CSV."""
+    numbers are the MLflow metrics; `restorch report` in a fresh folder writes the same CSV; the best
+    variant registered: the registry finds what the trials wrote under the names the report reads."""
     spec_file = tmp_path / "ablation.yaml"
     spec_file.write_text(yaml.safe_dump(ablation_spec("tiny-ablation", derain_data, tmp_path)))
     assert main(["ablate", str(spec_file), "--out", str(tmp_path / "report")]) == 0
@@ -272,3 +277,21 @@ def test_trained_ablation_report(derain_data: Path, tmp_path: Path, ray_two_slot
                           cwd=fresh, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (fresh / "rebuilt" / CSV_FILE).read_bytes() == (folder / CSV_FILE).read_bytes()
+
+    # One set of names (orchestrator/tracking/keys.py): the registry reads the trial's own tags and metrics
+    capsys.readouterr()
+    assert main(["register", "tiny-ablation", "--name", "tiny-best", "--tracking-uri", uri]) == 0
+    assert main(["registry", "list", "--tracking-uri", uri]) == 0
+    assert main(["registry", "show", "tiny-best/1", "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    best = max(children, key=lambda child: child.data.metrics["psnr"])
+    row = next(row for row in rows if row["variant"] == best.data.tags[VARIANT_TAG])
+    tags = model_registry.client_for(uri).get_model_version("tiny-best", "1").tags
+    assert (tags["run_id"], tags["sweep_run_id"], tags["trial_id"]) == (best.info.run_id, parent[0].info.run_id,
+                                                                        best.data.tags[TRIAL_TAG])
+    assert tags["params_m"] == f"{float(row['params_m']):.3f}" and tags["conv_gmacs"] == f"{float(row['conv_gmacs']):.3f}"
+    assert tags["val.psnr"] == f"{float(row['psnr']):.4f}" and float(tags["images_per_s"]) > 0
+    assert tags["protocol"] == best.data.tags[PROTOCOL_TAG] and tags["protocol_version"] == best.data.tags[PROTOCOL_VERSION_TAG]
+    assert tags["data"] == best.data.tags[DATA_TAG] and row["machine"] == best.data.tags[MACHINE_TAG]
+    assert f"params {tags['params_m']} M" in printed and f"params: {tags['params_m']} M" in printed
+    assert "Metric protocol v1: PSNR/SSIM on Y" in printed and "not recorded with the run" not in printed

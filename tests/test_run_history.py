@@ -16,7 +16,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
-from orchestrator.tracking import registry
+from orchestrator.tracking import model_registry
 from orchestrator.run.jobs import FAULT_ENV
 from orchestrator.tracking.keys import ATTEMPT_TAG, REPLACED_BY_TAG, REPLACES_TAG
 
@@ -59,5 +59,5 @@ def test_a_trial_whose_worker_crashed_logs_each_step_once(derain_data, tmp_path)
     with open(tmp_path / "restorch_runs" / "crash" / "results.csv") as results:
         (row,) = csv.DictReader(results)
     assert float(row["psnr"]) == pytest.approx(final_psnr)
-    version = registry.register("crash", "crashed", uri=uri)
+    version = model_registry.register("crash", "crashed", uri=uri)
     assert version.run_id == run.info.run_id and version.tags["val.psnr"] == f"{final_psnr:.4f}"

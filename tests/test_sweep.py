@@ -18,7 +18,7 @@ from conftest import sweep_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from servers import BIN, answers, free_port, started, wait_for
 
-from orchestrator.tracking import registry
+from orchestrator.tracking import model_registry
 from orchestrator.cli import main
 from orchestrator.run.jobs import init_ray
 from orchestrator.spec.load import parse_spec
@@ -109,7 +109,7 @@ def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdi
     server = ["--tracking-uri", mlflow_server]
     assert main(["register", "grid", "--name", "derain-glmha", *server]) == 0
     assert main(["registry", "promote", "derain-glmha", "1", "--alias", "champion", *server]) == 0
-    network, version = registry.load_network("models:/derain-glmha@champion", mlflow_server)
+    network, version = model_registry.load_network("models:/derain-glmha@champion", mlflow_server)
     assert version.tags["run_id"] == children[best["trial"]].info.run_id
     trial_model = load_consolidated(model_file).eval()
     photo = np.random.default_rng(3).random((37, 50, 3))

@@ -169,7 +169,7 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.run.jobs import run_job
-    from orchestrator.tracking.keys import CHECKPOINT_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_TAG
+    from orchestrator.tracking.keys import CHECKPOINT_PATH_TAG, JOB_TAG, MODEL_ARTIFACT, MODEL_TAG
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = make_spec(derain_data, tmp_path, name="crash",
@@ -194,7 +194,7 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "crash"
     assert run.data.tags[JOB_TAG] == f"{tmp_path}/crash"
-    assert run.data.tags[CHECKPOINT_TAG] == metrics["checkpoint_path"] and run.data.tags[MODEL_TAG] == MODEL_ARTIFACT
+    assert run.data.tags[CHECKPOINT_PATH_TAG] == metrics["checkpoint_path"] and run.data.tags[MODEL_TAG] == MODEL_ARTIFACT
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["model.ffn_expansion_factor"] == "2.66"
     assert run.data.metrics["params_m"] > 0 and run.data.metrics["psnr"] == pytest.approx(metrics["psnr"])
     assert sorted(m.step for m in client.get_metric_history(run_id, "psnr")) == [10, 20, 30, 40]

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_RESTORMER
 from orchestrator.run.remote import FORWARDED_ENV
 from orchestrator.run.sweep import TRIAL_RESOURCE
-from orchestrator.tracking.keys import CHECKPOINT_TAG, PARENT_TAG
+from orchestrator.tracking.keys import CHECKPOINT_PATH_TAG, PARENT_TAG
 from servers import (BIN, S3_ENV, moto_s3, node_ports, ray_env, ray_head, s3_client, started, stop_process_group,
                      tracking_server, wait_for)
 
@@ -140,7 +140,7 @@ def test_a_sweep_runs_one_trial_on_each_node_with_everything_in_mlflow_and_s3(un
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.metrics["iteration"] == 4
         assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
-        checkpoint = run.data.tags[CHECKPOINT_TAG]  # the trial's last checkpoint, in the bucket
+        checkpoint = run.data.tags[CHECKPOINT_PATH_TAG]  # the trial's last checkpoint, in the bucket
         assert checkpoint.startswith(f"s3://{BUCKET}/runs/two-nodes/jobs/"), checkpoint
         assert any(key.endswith("/model.pt") for key in s3_keys(unshared, checkpoint.removeprefix(f"s3://{BUCKET}/")))
     assert s3_keys(unshared, "mlflow/")  # the models went to the bucket through the server

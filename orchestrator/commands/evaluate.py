@@ -67,7 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.model:
         if not args.data or args.pred or args.target:
             raise ValueError("--model takes --data DIR (a dataset folder), not --pred/--target")
-        from orchestrator.tracking.registry import evaluate_version
+        from orchestrator.tracking.model_registry import evaluate_version
 
         with quiet_mlflow("evaluate"):
             result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)

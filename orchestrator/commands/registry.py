@@ -26,43 +26,46 @@ def _aliases_of(client: MlflowClient, name: str) -> dict[str, list[str]]:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
 
     with quiet_mlflow("register"):
-        version = registry.register(args.source, args.name, metric=args.metric, mode=args.mode, uri=args.tracking_uri)
+        version = model_registry.register(args.source, args.name, metric=args.metric, mode=args.mode,
+                                          uri=args.tracking_uri)
     print(f"registered {version.name} v{version.version} from run {version.run_id}: models:/{version.name}/{version.version}")
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
 
-    version = registry.promote(registry.client_for(args.tracking_uri), args.name, args.version, args.alias)
+    version = model_registry.promote(model_registry.client_for(args.tracking_uri), args.name, args.version, args.alias)
     print(f"{version.name} v{version.version} is now @{args.alias}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
+    from orchestrator.tracking.keys import PARAMS_M, TASK_TAG, VALIDATION_PREFIX
+    from orchestrator.tracking.store import model_versions
 
-    client = registry.client_for(args.tracking_uri)
-    names = registry.registered_names(client)
+    client = model_registry.client_for(args.tracking_uri)
+    names = model_registry.registered_names(client)
     if not names:
         print("no registered models")
     for name in names:
         aliases = _aliases_of(client, name)
-        for version in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        for version in sorted(model_versions(client, name), key=lambda v: int(v.version)):
             tags = version.tags
-            print(f"{_describe(version, aliases.get(str(version.version), [])):<40} task {tags.get('task', '?'):<18} "
-                  f"psnr {tags.get('val.psnr', '-'):>8}  params {tags.get('params_m', '-')} M")
+            print(f"{_describe(version, aliases.get(str(version.version), [])):<40} task {tags.get(TASK_TAG, '?'):<18} "
+                  f"psnr {tags.get(VALIDATION_PREFIX + 'psnr', '-'):>8}  params {tags.get(PARAMS_M, '-')} M")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
 
-    client = registry.client_for(args.tracking_uri)
-    version = registry.get_version(client, registry.ModelReference.parse(args.reference))
+    client = model_registry.client_for(args.tracking_uri)
+    version = model_registry.get_version(client, model_registry.ModelReference.parse(args.reference))
     print(_describe(version, _aliases_of(client, version.name).get(str(version.version), [])))
     for key, value in sorted(version.tags.items()):
         print(f"  {key}: {value}")
@@ -74,11 +77,12 @@ def _show(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     """The version tags, model options (the runs' model.* params) and final metrics in which two versions
     differ, side by side; what they share is counted, not listed."""
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
     from orchestrator.tracking.keys import MODEL_PREFIX
 
-    client = registry.client_for(args.tracking_uri)
-    versions = [registry.get_version(client, registry.ModelReference(args.name, version=v)) for v in (args.v1, args.v2)]
+    client = model_registry.client_for(args.tracking_uri)
+    versions = [model_registry.get_version(client, model_registry.ModelReference(args.name, version=v))
+                for v in (args.v1, args.v2)]
     runs = [client.get_run(version.run_id) for version in versions]
     groups = {
         "tag": [dict(version.tags) for version in versions],
@@ -103,10 +107,10 @@ def _restore(args: argparse.Namespace) -> int:
     from workloads.inference import output_pairs, restore_files
 
     pairs = output_pairs(args.input, args.output, overwrite=args.overwrite)  # before the model is fetched
-    from orchestrator.tracking import registry
+    from orchestrator.tracking import model_registry
 
     with quiet_mlflow("restore"):
-        network, version = registry.load_network(args.model, args.tracking_uri)
+        network, version = model_registry.load_network(args.model, args.tracking_uri)
     restore_files(network, pairs, tile=args.tile, overlap=args.overlap, self_ensemble=args.self_ensemble)
     print(f"restored {len(pairs)} image(s) with {version.name} v{version.version} -> {args.output}")
     return 0

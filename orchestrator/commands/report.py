@@ -12,7 +12,7 @@ DEFAULT_REPORTS = "reports"
 
 def print_report(folder: Path) -> None:
     """The Markdown table of the report in `folder`, and where its files are."""
-    from orchestrator.report.build import MARKDOWN_FILE
+    from orchestrator.tracking.keys import MARKDOWN_FILE
 
     console.print((folder / MARKDOWN_FILE).read_text())
     console.print(f"report: {folder} (table.csv, table.md, table.tex, report.html, plots)")
@@ -22,7 +22,7 @@ def _report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report.build import build_report, write_report
-    from orchestrator.tracking.runs import resolve_uri
+    from orchestrator.tracking.store import resolve_uri
 
     report = build_report(MlflowClient(resolve_uri(args.tracking_uri)), args.ablation)
     folder = args.out or Path(DEFAULT_REPORTS) / report.name

@@ -19,7 +19,7 @@ def mlflow_ui_command(uri: str) -> str:
     when it is in the working directory)."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    from orchestrator.tracking.runs import sqlite_file
+    from orchestrator.tracking.store import sqlite_file
 
     database = sqlite_file(uri)
     if database is not None and database.parent == Path.cwd():

@@ -18,75 +18,50 @@ on any machine pointed at the tracking server:
   cpu_hours (gpu_hours with use_gpu): the run's wall time x the CPUs (GPUs) of its workers, mean
   machine: the machines its runs' timings were measured on (their MACHINE_TAG), "; "-separated
 `write_report` writes table.csv (numbers at full precision and nothing time-dependent, so that a
-rebuild is byte-identical), table.md, table.tex, report.html and the plots (report_formats.py,
-report_plots.py); `publish_report` logs them to the parent run under `report/`.
+rebuild is byte-identical), table.md, table.tex, report.html and the plots (formats.py, plots.py);
+`publish_report` logs them to the parent run under `report/`. The file and MLflow names are in
+orchestrator/tracking/keys.py, the searches in orchestrator/tracking/store.py.
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 import tempfile
 from pathlib import Path
 
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.report.model import Curve, MetricColumn, Report
 from orchestrator.report.results import Row, to_csv
-from orchestrator.spec.ablation import ABLATION_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.spec.ablation import Variant, spec_variants
 from orchestrator.spec.load import load_spec_text
 from orchestrator.spec.schema import PROFILE_METRICS, ExperimentSpec
-from orchestrator.tracking.keys import MACHINE_TAG
-from orchestrator.tracking.runs import PARENT_TAG
-
-CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE = "table.csv", "table.md", "table.tex", "report.html"
-REPORT_ARTIFACTS = "report"  # the folder of the parent run's artifacts that holds the report
-
+from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, HTML_FILE, IMAGES_PER_S, LATEX_FILE, LOSS,
+                                        MACHINE_TAG, MARKDOWN_FILE, PARAMS_M, REPORT_ARTIFACTS, SPEC_ARTIFACT,
+                                        VARIANT_TAG)
+from orchestrator.tracking.store import child_runs, has_tag, run_by_id_or_name, search_runs
 
 UNKNOWN_MACHINE = "unknown (not recorded)"
 
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
 def find_ablation_run(client: MlflowClient, reference: str) -> Run:
     """The parent run with this id, or the latest one of the ablation with this name."""
-    if _RUN_ID.match(reference):
-        try:
-            run = client.get_run(reference)
-        except MlflowException:
-            run = None
-        if run is not None:
-            if ABLATION_TAG not in run.data.tags:
-                raise ValueError(f"run {reference} is not the parent run of an ablation (it has no {ABLATION_TAG} tag); "
-                                 "give an ablation's name or its parent run id")
-            return run
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    found = client.search_runs(experiments, f"tags.`{ABLATION_TAG}` = '{reference}'", max_results=1,
-                               order_by=["attributes.start_time DESC"]) if experiments and _NAME.match(reference) else []
-    if not found:
-        known = client.search_runs(experiments, f"tags.`{ABLATION_TAG}` LIKE '%'") if experiments else []
-        names = sorted({run.data.tags[ABLATION_TAG] for run in known})
+    run = run_by_id_or_name(client, reference, name_tag=ABLATION_TAG)
+    if run is None:
+        names = sorted({run.data.tags[ABLATION_TAG] for run in search_runs(client, None, has_tag(ABLATION_TAG))})
         raise FileNotFoundError(f"no ablation called {reference!r} (nor a run with that id) in {client.tracking_uri}; "
                                 f"ablations there: {', '.join(names) or 'none'}")
-    return found[0]
-
-
-def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
-    """The runs nested under the parent run (one per sweep trial)."""
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10000)
+    if ABLATION_TAG not in run.data.tags:
+        raise ValueError(f"run {reference} is not the parent run of an ablation (it has no {ABLATION_TAG} tag); "
+                         "give an ablation's name or its parent run id")
+    return run
 
 
 def _logged_spec(client: MlflowClient, run: Run) -> ExperimentSpec:
     with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run.info.run_id, "spec.yaml", folder)
-        return load_spec_text(Path(path).read_text(), f"spec.yaml of run {run.info.run_id}")
+        path = client.download_artifacts(run.info.run_id, SPEC_ARTIFACT, folder)
+        return load_spec_text(Path(path).read_text(), f"{SPEC_ARTIFACT} of run {run.info.run_id}")
 
 
 def _history(client: MlflowClient, run_id: str, metric: str) -> Curve:
@@ -114,7 +89,7 @@ def _variant_row(report: Report, variant: Variant, runs: list[Run], throughput: 
         values = [run.data.metrics[key] for run in runs if key in run.data.metrics]
         row[key] = _mean(values)
         row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
-    row["images_per_s"] = _mean([statistics.median(value for _, value in curve) for curve in throughput if curve])
+    row[IMAGES_PER_S] = _mean([statistics.median(value for _, value in curve) for curve in throughput if curve])
     row[report.hours_key] = _mean([(run.info.end_time - run.info.start_time) / 3.6e6 * _devices(report.spec)
                                    for run in runs])
     machines = sorted({run.data.tags.get(MACHINE_TAG, UNKNOWN_MACHINE) for run in runs})
@@ -127,7 +102,7 @@ def _add_deltas(rows: list[Row]) -> None:
     """Δ% of the model size vs the baseline row (the first)."""
     baseline = rows[0]
     for row in rows:
-        for key in ("conv_gmacs", "params_m"):
+        for key in (CONV_GMACS, PARAMS_M):
             value, reference = row.get(key), baseline.get(key)
             row[f"{key}_delta_pct"] = None if value is None or not reference else (value - reference) / reference * 100
 
@@ -157,9 +132,9 @@ def build_report(client: MlflowClient, reference: str) -> Report:
     for variant in spec_variants(spec):
         runs = finished.get(variant.label, [])
         curves = [{metric: _history(client, run.info.run_id, metric)
-                   for metric in ("loss", "images_per_s", report.primary_metric)} for run in runs] if report.trained else []
+                   for metric in (LOSS, IMAGES_PER_S, report.primary_metric)} for run in runs] if report.trained else []
         report.curves[variant.label] = curves
-        report.rows.append(_variant_row(report, variant, runs, [curve["images_per_s"] for curve in curves]))
+        report.rows.append(_variant_row(report, variant, runs, [curve[IMAGES_PER_S] for curve in curves]))
     _add_deltas(report.rows)
     return report
 

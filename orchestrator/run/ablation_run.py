@@ -17,13 +17,14 @@ from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from models.profile import size_metrics
-from orchestrator.spec.ablation import ABLATION_TAG, FACTOR_TAG, SEED_TAG, VARIANT_TAG, Variant, spec_variants
+from orchestrator.spec.ablation import Variant, spec_variants
 from orchestrator.run.jobs import absolute_storage
-from orchestrator.report.build import child_runs
 from orchestrator.spec.schema import VARIANT_KEY, ExperimentSpec
 from orchestrator.spec.trial import resolve_trial
 from orchestrator.run.sweep import run_sweep
-from orchestrator.tracking.runs import (TRIAL_TAG, close_sweep_run, numeric_metrics, open_sweep_run, open_trial_run, resolve_uri)
+from orchestrator.tracking.keys import ABLATION_TAG, FACTOR_TAG, SEED_TAG, TRIAL_TAG, VARIANT_TAG
+from orchestrator.tracking.runs import close_sweep_run, numeric_metrics, open_sweep_run, open_trial_run
+from orchestrator.tracking.store import child_runs, resolve_uri
 
 
 @dataclass

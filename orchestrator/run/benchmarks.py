@@ -284,7 +284,8 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     from orchestrator.spec.load import parse_spec
     from orchestrator.spec.trial import resolve_trial
     from orchestrator.run.timeline import PHASES, TIMELINE_ENV, first_reached
-    from orchestrator.tracking.runs import TRIAL_TAG
+    from orchestrator.tracking.keys import ITERATION, TRIAL_TAG
+    from orchestrator.tracking.store import experiment_id, has_tag, search_runs
     from workloads.session import LocalSession
     from workloads.synth import write_dataset
     from workloads.tasks import get_task
@@ -312,9 +313,8 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     sweep_s = time.time() - started_at
 
     client = MlflowClient(raw["tracking"]["uri"])
-    experiment = client.get_experiment_by_name(raw["tracking"]["experiment"])
-    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` != ''")
-    first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, "iteration")
+    children = search_runs(client, [experiment_id(client, raw["tracking"]["experiment"])], has_tag(TRIAL_TAG))
+    first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, ITERATION)
                           if m.step == 1) / 1000
     reached = first_reached(timeline)  # where the start-up goes: seconds from the command to each phase
     return [{"model": "sweep", "direct_s": direct_s, "sweep_s": sweep_s, "sweep_overhead": sweep_s / direct_s,
@@ -332,13 +332,15 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     """A `benchmark` MLflow run: the settings as params, each row's numbers as metrics, the table as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking.runs import get_or_create_experiment, numeric_metrics, resolve_uri
+    from orchestrator.tracking.keys import BENCHMARK_TAG, HOST_TAG, KIND_TAG
+    from orchestrator.tracking.runs import numeric_metrics
+    from orchestrator.tracking.store import get_or_create_experiment, resolve_uri
 
     resolved = resolve_uri(uri)
     client = MlflowClient(resolved)
     experiment_id = get_or_create_experiment(client, BENCHMARK_EXPERIMENT, resolved)
     run = client.create_run(experiment_id, run_name=f"bench-{kind}", tags={
-        "restorch.kind": "benchmark", "restorch.benchmark": kind, "host": platform.node(),
+        KIND_TAG: "benchmark", BENCHMARK_TAG: kind, HOST_TAG: platform.node(),
         "device": torch.cuda.get_device_name() if settings.get("device") == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": str(torch.get_num_threads())})
     run_id = run.info.run_id

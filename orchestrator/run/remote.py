@@ -57,7 +57,7 @@ def check_for_cluster(spec: ExperimentSpec, *, tracked: bool) -> None:
 def check_shared_tracking(uri: str | None) -> None:
     """A tracking store every node reaches: an http(s) server or Databricks; refuse the default (a SQLite
     file in the driver's working directory), any other database file and `file:` stores."""
-    from orchestrator.tracking.runs import resolve_uri
+    from orchestrator.tracking.store import resolve_uri
 
     resolved = resolve_uri(uri)
     if resolved.startswith(SHARED_TRACKING_SCHEMES):

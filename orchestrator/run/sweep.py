@@ -67,7 +67,8 @@ from workloads.storage import filesystem, read_text, write_text
 from orchestrator.run.sweep_lock import sweep_lock
 from orchestrator.run.sweep_resume import (REBUILT_SCHEDULERS, check_resumable, rebuild, reports_to_replay, stored_reports)
 from orchestrator.run.timeline import mark
-from orchestrator.tracking.runs import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_store, open_sweep_run, open_trial_run, resolve_uri)
+from orchestrator.tracking.runs import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run)
+from orchestrator.tracking.store import open_store, resolve_uri
 from orchestrator.run.trial_reports import TrialReportCallback, scored_for_tune
 
 TRIAL_RESOURCE = "trial_slot"

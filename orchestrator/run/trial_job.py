@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from models.profile import size_metrics
 from models.registry import full_options
-from orchestrator.tracking.keys import (CHECKPOINT_TAG, DATA_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG)
+from orchestrator.tracking.keys import (CHECKPOINT_PATH_TAG, DATA_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG)
 from orchestrator.tracking.runs import flatten, live_run_id, log_params, numeric_metrics, restart_history
 from workloads.metrics import PROTOCOL_VERSION
 from workloads.session import RayTrainSession
@@ -40,7 +40,7 @@ class TrackedSession:
             self.attempt_checked = True
         step = int(metrics["iteration"])
         numbers = numeric_metrics(metrics, step)
-        tags = [RunTag(CHECKPOINT_TAG, metrics["checkpoint_path"])] if "checkpoint_path" in metrics else []
+        tags = [RunTag(CHECKPOINT_PATH_TAG, metrics["checkpoint_path"])] if "checkpoint_path" in metrics else []
         self.client.log_batch(self.run_id, metrics=numbers, tags=tags)
         if checkpoint_dir is not None and (Path(checkpoint_dir) / CONSOLIDATED_MODEL).exists():
             self.client.log_artifact(self.run_id, str(Path(checkpoint_dir) / CONSOLIDATED_MODEL), Path(MODEL_ARTIFACT).parent.name)

@@ -83,13 +83,11 @@ def ablation_tables(spec: ExperimentSpec) -> dict[str, str]:
     have the same name."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.spec.ablation import ABLATION_TAG
     from orchestrator.report.build import build_report, table_files
-    from orchestrator.tracking.runs import SWEEP_TAG
+    from orchestrator.tracking.keys import ABLATION_TAG, SWEEP_TAG
+    from orchestrator.tracking.store import experiment_id, latest_run
 
     client = MlflowClient(spec.tracking.uri)
-    experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
-    where = f"tags.`{SWEEP_TAG}` = '{experiment_folder(spec)}' and tags.`{ABLATION_TAG}` = '{spec.name}'"
-    parents = client.search_runs([experiment.experiment_id], where, order_by=["attributes.start_time DESC"],
-                                 max_results=1) if experiment else []
-    return table_files(build_report(client, parents[0].info.run_id)) if parents else {}
+    experiment = experiment_id(client, spec.tracking.experiment or spec.name)
+    parent = experiment and latest_run(client, {SWEEP_TAG: experiment_folder(spec), ABLATION_TAG: spec.name}, [experiment])
+    return table_files(build_report(client, parent.info.run_id)) if parent else {}

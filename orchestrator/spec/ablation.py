@@ -47,11 +47,6 @@ from orchestrator.spec.schema import (
     assign,
 )
 
-# MLflow tags: the parent run carries the ablation's name; each child run its variant, factor, seed.
-ABLATION_TAG = "restorch.ablation"
-VARIANT_TAG = "restorch.ablation.variant"
-FACTOR_TAG = "restorch.ablation.factor"
-SEED_TAG = "restorch.ablation.seed"
 BASELINE_FACTOR = "baseline"
 
 

@@ -1,8 +1,9 @@
 """The MLflow names restorch writes and reads: tags, metrics, params and artifacts.
 
-Trials and `restorch train` jobs (orchestrator/tracking/runs.py, orchestrator/run/trial_job.py) write them; the
-registry, `restorch status` and the reports read them. Both sides import the name from here, so a reader
-never looks for a key that no writer logs.
+Trials and `restorch train` jobs (orchestrator/tracking/runs.py, orchestrator/run/trial_job.py), ablations
+(orchestrator/run/ablation_run.py) and benchmarks write them; the model registry, `restorch status`, the
+reports and the service read them. Both sides import the name from here, so a reader never looks for a key
+that no writer logs (tests/test_report.py registers and reports the runs of a trained ablation).
 """
 from __future__ import annotations
 
@@ -17,8 +18,23 @@ REPLACES_TAG = "restorch.replaces"  # a resumed attempt's run: the run it took o
 REPLACED_BY_TAG = "restorch.replaced_by"  # on that deleted run: the run that continues it
 ATTEMPT_TAG = "restorch.attempt"  # 1, 2, ...: how many times the job started over from a checkpoint
 
+# tags: where and with what a sweep or job ran
+HOST_TAG = "host"
+PLATFORM_TAG = "platform"
+USER_TAG = "mlflow.user"
+VERSION_PREFIX = "version."  # + a package's name: its installed version
+GIT_DIRTY_TAG = "restorch.git_dirty"
+BEST_PREFIX = "best."  # on a sweep's parent run, + a results column: the best trial's value
+
+# tags: ablations (orchestrator/spec/ablation.py): the parent run carries the ablation's name; each child run
+# its variant, factor and seed
+ABLATION_TAG = "restorch.ablation"
+VARIANT_TAG = "restorch.ablation.variant"
+FACTOR_TAG = "restorch.ablation.factor"
+SEED_TAG = "restorch.ablation.seed"
+
 # tags: what the run holds and how it ended
-CHECKPOINT_TAG = "restorch.checkpoint"  # the job's latest checkpoint location
+CHECKPOINT_PATH_TAG = "restorch.checkpoint"  # the job's latest checkpoint location (not DeepSpeed's checkpoint tag)
 MODEL_TAG = "restorch.model"  # the consolidated model's artifact path, once logged
 STOPPED_BY_TAG = "restorch.stopped_by"  # a trial that a scheduler (asha) or the time budget ended early
 STOPPED_AT_TAG = "restorch.stopped_at"  # ... at this iteration
@@ -35,11 +51,19 @@ MODEL_VERSION_TAG = "restorch.model_version"
 MODEL_URI_TAG = "restorch.model_uri"
 TASK_TAG = "task"
 
-# tags of registered model versions
+# tags of benchmark runs (restorch bench)
+KIND_TAG = "restorch.kind"
+BENCHMARK_TAG = "restorch.benchmark"
+
+# tags of registered model versions (model_registry.version_tags): the run's lineage and numbers, the task under
+# TASK_TAG and the sizes and speed under their metrics' names; `restorch registry` and the model card read them
 SOURCE_RUN_TAG = "restorch.source_run"  # the run a version was registered from
+VALIDATION_PREFIX = "val."  # + a metric: the run's final validation value
+EVALUATION_PREFIX = "eval."  # + a dataset's name + ".": an evaluation's metrics, run_id, data and protocol
 
 # metrics (besides the task's own: psnr, ssim, ... and the training reports' iteration, loss, lr, ...)
 ITERATION = "iteration"
+LOSS = "loss"
 PARAMS_M = "params_m"
 CONV_GMACS = "conv_gmacs"
 TOTAL_GMACS = "total_gmacs"
@@ -48,7 +72,17 @@ IMAGES_PER_S = "images_per_s"
 # params: the job config's sections, flattened (model.glmha.alpha, train.lr, ...)
 TASK_PARAM = "task.name"
 MODEL_PREFIX = "model."
+# params of a sweep's parent run
+SPACE_PREFIX = "space."  # + a searched key: its domain
+SEARCH_PREFIX = "search."  # + a search setting
+TRIALS_PARAM = "trials"
 
 # artifacts
 SPEC_ARTIFACT = "spec.yaml"  # a sweep's spec (parent run) or a job's (its run)
 MODEL_ARTIFACT = "model/model.pt"
+REGISTRY_ARTIFACTS = "registry"  # what registering adds to a run: these files, and each version's model card
+TRAIN_SPEC_ARTIFACT = f"{REGISTRY_ARTIFACTS}/train_spec.yaml"  # the spec that trains the run again
+REGISTERED_MODEL_ARTIFACT = "registered_model"  # the pyfunc model a registered version points at
+EVALUATION_ARTIFACT = "evaluation.json"  # an evaluation run's result record
+REPORT_ARTIFACTS = "report"  # an ablation's report, in its parent run: these files
+CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE = "table.csv", "table.md", "table.tex", "report.html"

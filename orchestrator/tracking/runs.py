@@ -32,14 +32,14 @@ follows REPLACED_BY_TAG (`live_run_id`).
 
 The tracking URI is the spec's `tracking.uri`, else $MLFLOW_TRACKING_URI, else the embedded
 `sqlite:///mlflow.db` with artifacts in `mlartifacts/`, both in the working directory. It is made
-absolute and travels to the trials and workers in their config, so every process logs to the same
-store (nothing falls back to a worker-local `mlruns/`).
+absolute (`resolve_uri` in orchestrator/tracking/store.py, with every search of the store) and travels
+to the trials and workers in their config, so every process logs to the same store (nothing falls back
+to a worker-local `mlruns/`).
 """
 from __future__ import annotations
 
 import getpass
 import importlib.metadata
-import os
 import platform
 import socket
 import subprocess
@@ -52,69 +52,25 @@ import yaml
 from mlflow.entities import LifecycleStage, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.utils import flatten_dict
 
-from orchestrator.tracking.keys import (ATTEMPT_TAG, EXPLOIT_TAG, GIT_COMMIT_TAG, ITERATION, JOB_TAG, PARENT_TAG, REPLACED_BY_TAG, REPLACES_TAG, SPEC_ARTIFACT, STOPPED_AT_TAG, STOPPED_BY_TAG, SWEEP_TAG, TRIAL_TAG)
 from orchestrator.spec.schema import ExperimentSpec
+from orchestrator.tracking.keys import (ATTEMPT_TAG, BEST_PREFIX, EXPLOIT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, HOST_TAG,
+                                        ITERATION, JOB_TAG, PARENT_TAG, PLATFORM_TAG, REPLACED_BY_TAG, REPLACES_TAG,
+                                        SEARCH_PREFIX, SPACE_PREFIX, SPEC_ARTIFACT, STOPPED_AT_TAG, STOPPED_BY_TAG,
+                                        SWEEP_TAG, TRIAL_TAG, TRIALS_PARAM, USER_TAG, VERSION_PREFIX)
+from orchestrator.tracking.store import (child_runs, experiment_id, get_or_create_experiment, latest_run, resolve_uri,
+                                         sqlite_file)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 VERSIONED_PACKAGES = ("restorch", "torch", "ray", "deepspeed", "mlflow", "optuna")
 _BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch
 _METRIC_BATCH = 1000
 
 
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of an embedded SQLite store URI (sqlite:///path), else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use, absolute: relative SQLite files and plain folders are resolved here,
-    in the driver's working directory, not in some worker's."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    database = sqlite_file(uri)
-    if database is not None and not database.is_absolute():
-        return f"sqlite:///{database.resolve()}"
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def open_store(uri: str) -> None:
-    """Connect to the tracking store once: MLflow creates a new SQLite store's schema on first use (about
-    3 s), which a sweep does while Ray starts."""
-    MlflowClient(uri).search_experiments(max_results=1)
-
-
-def _artifact_root(uri: str) -> str | None:
-    """Embedded SQLite store: artifacts in `mlartifacts/` beside the database; a server decides itself."""
-    database = sqlite_file(uri)
-    return None if database is None else (database.parent / ARTIFACTS_DIR).as_uri()
-
-
-def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """The id of experiment `name`, created (artifacts where the store keeps them) if missing."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_root(uri))
-
-
-def _find_run(client: MlflowClient, experiment_id: str, **tags: str) -> Any:
-    """The most recent run with these tags, or None."""
-    where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"glmha": {"alpha": 0.4}}} -> {"model.glmha.alpha": 0.4}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """{"model": {"glmha": {"alpha": 0.4}}} -> {"model.glmha.alpha": 0.4}: nested sections as MLflow param
+    names (Tune's flatten_dict; lists and None stay values)."""
+    return flatten_dict(tree, delimiter=".")
 
 
 def numeric_metrics(values: dict[str, Any], step: int) -> list[Metric]:
@@ -135,13 +91,13 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 
 def _environment_tags() -> dict[str, str]:
-    tags = {f"version.{name}": _version(name) for name in VERSIONED_PACKAGES}
-    tags.update({"host": socket.gethostname(), "platform": platform.platform(), "mlflow.user": getpass.getuser()})
+    tags = {f"{VERSION_PREFIX}{name}": _version(name) for name in VERSIONED_PACKAGES}
+    tags.update({HOST_TAG: socket.gethostname(), PLATFORM_TAG: platform.platform(), USER_TAG: getpass.getuser()})
     source = Path(__file__).resolve().parents[1]
     commit = _git(source, "rev-parse", "HEAD")
     if commit:
         tags[GIT_COMMIT_TAG] = commit
-        tags["restorch.git_dirty"] = str(bool(_git(source, "status", "--porcelain")))
+        tags[GIT_DIRTY_TAG] = str(bool(_git(source, "status", "--porcelain")))
     return tags
 
 
@@ -165,18 +121,18 @@ def open_sweep_run(spec: ExperimentSpec, sweep_path: str, *, resume: bool) -> di
     that travel to the trials: uri, experiment_id, parent_run_id."""
     uri = resolve_uri(spec.tracking.uri)
     client = MlflowClient(uri)
-    experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name, uri)
-    run = _find_run(client, experiment_id, **{SWEEP_TAG: sweep_path}) if resume else None
+    experiment = get_or_create_experiment(client, spec.tracking.experiment or spec.name, uri)
+    run = latest_run(client, {SWEEP_TAG: sweep_path}, [experiment]) if resume else None
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")
-        return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run.info.run_id}
-    run = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_TAG: sweep_path, **_environment_tags()})
+        return {"uri": uri, "experiment_id": experiment, "parent_run_id": run.info.run_id}
+    run = client.create_run(experiment, run_name=spec.name, tags={SWEEP_TAG: sweep_path, **_environment_tags()})
     run_id = run.info.run_id
     client.log_text(run_id, yaml.safe_dump(spec.as_written(), sort_keys=False), SPEC_ARTIFACT)
-    searched = {f"space.{d.key}": f"{d.kind} {d.values}" for d in spec.search_space}
-    settings = {f"search.{key}": value for key, value in flatten(spec.config()["search"]).items()}
-    log_params(client, run_id, {**searched, **settings, "trials": spec.trial_count()})
-    return {"uri": uri, "experiment_id": experiment_id, "parent_run_id": run_id}
+    searched = {f"{SPACE_PREFIX}{d.key}": f"{d.kind} {d.values}" for d in spec.search_space}
+    settings = {f"{SEARCH_PREFIX}{key}": value for key, value in flatten(spec.config()["search"]).items()}
+    log_params(client, run_id, {**searched, **settings, TRIALS_PARAM: spec.trial_count()})
+    return {"uri": uri, "experiment_id": experiment, "parent_run_id": run_id}
 
 
 def close_sweep_run(tracking: dict[str, str], *, failed: bool, files: dict[str, str], best: dict[str, Any]) -> None:
@@ -186,12 +142,12 @@ def close_sweep_run(tracking: dict[str, str], *, failed: bool, files: dict[str, 
     run_id = tracking["parent_run_id"]
     for name, text in files.items():
         client.log_text(run_id, text, name)
-    client.log_batch(run_id, tags=[RunTag(f"best.{key}", str(value)) for key, value in best.items()])
+    client.log_batch(run_id, tags=[RunTag(f"{BEST_PREFIX}{key}", str(value)) for key, value in best.items()])
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def _trial_run(client: MlflowClient, tracking: dict[str, Any], trial_id: str) -> Any:
-    return _find_run(client, tracking["experiment_id"], **{PARENT_TAG: tracking["parent_run_id"], TRIAL_TAG: trial_id})
+    return latest_run(client, {PARENT_TAG: tracking["parent_run_id"], TRIAL_TAG: trial_id}, [tracking["experiment_id"]])
 
 
 class TrialStatusCallback(Callback):
@@ -238,11 +194,11 @@ def trial_statuses(spec: ExperimentSpec, sweep_path: str) -> dict[str, str]:
     if database is not None and not database.exists():
         return {}
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
-    parent = experiment and _find_run(client, experiment.experiment_id, **{SWEEP_TAG: sweep_path})
+    experiment = experiment_id(client, spec.tracking.experiment or spec.name)
+    parent = experiment and latest_run(client, {SWEEP_TAG: sweep_path}, [experiment])
     if not parent:
         return {}
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    runs = child_runs(client, parent.info.run_id)
     return {run.data.tags[TRIAL_TAG]: run_state(run) for run in runs if TRIAL_TAG in run.data.tags}
 
 
@@ -288,7 +244,7 @@ def open_job_run(spec: ExperimentSpec, location: str) -> dict[str, str]:
     uri = resolve_uri(spec.tracking.uri)
     client = MlflowClient(uri)
     experiment = get_or_create_experiment(client, spec.tracking.experiment or spec.name, uri)
-    run = _find_run(client, experiment, **{JOB_TAG: location})
+    run = latest_run(client, {JOB_TAG: location}, [experiment])
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")
         return {"uri": uri, "run_id": run.info.run_id}

@@ -11,7 +11,6 @@ read here are the ones the runs are written with (orchestrator/tracking/keys.py)
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import tempfile
 from collections.abc import Iterator
@@ -26,13 +25,17 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, GIT_COMMIT_TAG, IMAGES_PER_S, JOB_TAG, MODEL_ARTIFACT, MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PARAMS_M, PARENT_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG, SPEC_ARTIFACT, SOURCE_RUN_TAG, STOPPED_BY_TAG, SWEEP_TAG, TASK_PARAM, TASK_TAG, TRIAL_TAG)
-from orchestrator.tracking.runs import get_or_create_experiment, resolve_uri
+from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, EVALUATION_ARTIFACT, EVALUATION_PREFIX, GIT_COMMIT_TAG,
+                                        IMAGES_PER_S, JOB_TAG, MODEL_ARTIFACT, MODEL_NAME_TAG, MODEL_PREFIX, MODEL_TAG,
+                                        MODEL_URI_TAG, MODEL_VERSION_TAG, PARAMS_M, PARENT_TAG, PROTOCOL_TAG,
+                                        PROTOCOL_VERSION_TAG, REGISTERED_MODEL_ARTIFACT, REGISTRY_ARTIFACTS,
+                                        SOURCE_RUN_TAG, SPACE_PREFIX, SPEC_ARTIFACT, STOPPED_BY_TAG, SWEEP_TAG,
+                                        TASK_PARAM, TASK_TAG, TRAIN_SPEC_ARTIFACT, TRIAL_TAG, VALIDATION_PREFIX)
+from orchestrator.tracking.store import (child_runs, get_or_create_experiment, model_versions, resolve_uri,
+                                         run_by_id_or_name, search_runs)
 
-TRAIN_SPEC_ARTIFACT = "registry/train_spec.yaml"
 EVALUATION_EXPERIMENT = "restorch-evaluations"
 VERSION_PIP_REQUIREMENTS = ["restorch", "torch", "mlflow", "numpy"]
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class RegistryError(ValueError):
@@ -101,21 +104,8 @@ def client_for(uri: str | None = None) -> MlflowClient:
 # which run to register
 
 
-def _children(client: MlflowClient, run: Run) -> list[Run]:
-    return client.search_runs([run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
-
-
-def _top_level_runs(client: MlflowClient, name: str | None = None) -> list[Run]:
-    """Runs that are not trials (sweeps, single jobs), newest first; only those called `name` if given."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    where = f"attributes.run_name = '{name}'" if name else ""
-    runs = client.search_runs(experiments, filter_string=where, order_by=["attributes.start_time DESC"],
-                              max_results=500) if experiments else []
-    return [run for run in runs if PARENT_TAG not in run.data.tags]
-
-
 def best_child(client: MlflowClient, parent: Run, metric: str, mode: str) -> Run:
-    candidates = [run for run in _children(client, parent)
+    candidates = [run for run in child_runs(client, parent.info.run_id)
                   if run.info.status == "FINISHED" and metric in run.data.metrics and STOPPED_BY_TAG not in run.data.tags]
     if not candidates:
         raise RegistryError(
@@ -128,22 +118,15 @@ def best_child(client: MlflowClient, parent: Run, metric: str, mode: str) -> Run
 
 def resolve_source(client: MlflowClient, source: str, metric: str, mode: str) -> Run:
     """The run to register: the run with this id, or the best trial of the sweep with this name/id."""
-    run = None
-    if _RUN_ID.match(source):
-        try:
-            run = client.get_run(source)
-        except MlflowException:
-            run = None
+    run = run_by_id_or_name(client, source)
     if run is None:
-        sweeps = _top_level_runs(client, source)
-        if not sweeps:
-            runs = [r for r in _top_level_runs(client) if SWEEP_TAG in r.data.tags or MODEL_TAG in r.data.tags]
-            names = ", ".join(sorted({r.info.run_name for r in runs if SWEEP_TAG in r.data.tags})) or "none"
-            models = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs if MODEL_TAG in r.data.tags) or "none"
-            raise RegistryError(f"no run id or sweep called {source!r} in the tracking store; sweeps: {names}; "
-                                f"runs that hold a model: {models}")
-        run = sweeps[0]
-    if PARENT_TAG not in run.data.tags and _children(client, run):
+        runs = [r for r in search_runs(client, newest_first=True)
+                if PARENT_TAG not in r.data.tags and (SWEEP_TAG in r.data.tags or MODEL_TAG in r.data.tags)]
+        names = ", ".join(sorted({r.info.run_name for r in runs if SWEEP_TAG in r.data.tags})) or "none"
+        models = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs if MODEL_TAG in r.data.tags) or "none"
+        raise RegistryError(f"no run id or sweep called {source!r} in the tracking store; sweeps: {names}; "
+                            f"runs that hold a model: {models}")
+    if PARENT_TAG not in run.data.tags and child_runs(client, run.info.run_id):
         return best_child(client, run, metric, mode)
     return run
 
@@ -154,7 +137,7 @@ def resolve_source(client: MlflowClient, source: str, metric: str, mode: str) ->
 
 def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = model_versions(client, name)
     except MlflowException:
         return None
     return next((v for v in versions if v.tags.get(SOURCE_RUN_TAG) == run_id), None)
@@ -162,7 +145,7 @@ def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVers
 
 def _check_registrable(client: MlflowClient, run: Run, metric: str) -> None:
     run_id = run.info.run_id
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, Path(MODEL_ARTIFACT).parent.name)}
     if Path(MODEL_ARTIFACT).name not in names:
         raise RegistryError(
             f"run {run_id} has no {MODEL_ARTIFACT} artifact (the consolidated model a finished job logs); "
@@ -196,7 +179,7 @@ def train_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:
         if spec is None:
             return None
         parent = client.get_run(parent_id)
-        for key in (k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")):
+        for key in (k.removeprefix(SPACE_PREFIX) for k in parent.data.params if k.startswith(SPACE_PREFIX)):
             if key in run.data.params:
                 set_dotted(spec, key, yaml.safe_load(run.data.params[key]))
         spec.pop("search", None)
@@ -220,14 +203,14 @@ def reproduce_command(uri: str, run_id: str) -> str:
 def version_tags(run: Run, metric: str) -> dict[str, str]:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     values = {
-        "task": params.get(TASK_PARAM, ""),
+        TASK_TAG: params.get(TASK_PARAM, ""),
         "metric": metric,
         "protocol": tags.get(PROTOCOL_TAG, ""),
         "protocol_version": tags.get(PROTOCOL_VERSION_TAG, ""),
         "data": tags.get(DATA_TAG, ""),
-        "params_m": f"{metrics[PARAMS_M]:.3f}" if PARAMS_M in metrics else "",
-        "conv_gmacs": f"{metrics[CONV_GMACS]:.3f}" if CONV_GMACS in metrics else "",
-        "images_per_s": f"{metrics[IMAGES_PER_S]:.2f}" if IMAGES_PER_S in metrics else "",
+        PARAMS_M: f"{metrics[PARAMS_M]:.3f}" if PARAMS_M in metrics else "",
+        CONV_GMACS: f"{metrics[CONV_GMACS]:.3f}" if CONV_GMACS in metrics else "",
+        IMAGES_PER_S: f"{metrics[IMAGES_PER_S]:.2f}" if IMAGES_PER_S in metrics else "",
         "run_id": run.info.run_id,
         "sweep_run_id": tags.get(PARENT_TAG, ""),
         "trial_id": tags.get(TRIAL_TAG, ""),
@@ -235,14 +218,15 @@ def version_tags(run: Run, metric: str) -> dict[str, str]:
     }
     for name in ("psnr", "ssim", "mrae", "rmse"):
         if name in metrics:
-            values[f"val.{name}"] = f"{metrics[name]:.4f}"
+            values[f"{VALIDATION_PREFIX}{name}"] = f"{metrics[name]:.4f}"
     return {key: value for key, value in values.items() if value}
 
 
 def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
     """The version's model card, from its tags (those of its run and of its evaluations) and its run's params."""
     name, tags = version.name, version.tags
-    metric_rows = "\n".join(f"| {k.removeprefix('val.')} | {v} |" for k, v in tags.items() if k.startswith("val."))
+    metric_rows = "\n".join(f"| {k.removeprefix(VALIDATION_PREFIX)} | {v} |" for k, v in tags.items()
+                            if k.startswith(VALIDATION_PREFIX))
     lineage = "\n".join(f"- {label}: `{tags[key]}`" for key, label in
                         [("run_id", "run"), ("sweep_run_id", "sweep run"), ("trial_id", "trial"), ("git_commit", "git commit")]
                         if key in tags)
@@ -251,7 +235,7 @@ def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
     protocol = f"v{tags['protocol_version']}: {tags['protocol']}" if "protocol" in tags else "not recorded with the run"
     return f"""# {name} v{version.version}
 
-Task: **{tags.get('task', '?')}**. Metric protocol {protocol}.
+Task: **{tags.get(TASK_TAG, '?')}**. Metric protocol {protocol}.
 
 ## Validation
 Data: {tags.get('data', 'not recorded with the run')}
@@ -261,9 +245,9 @@ Data: {tags.get('data', 'not recorded with the run')}
 {metric_rows}
 {_evaluations(tags)}
 ## Cost
-- params: {tags.get('params_m', '?')} M
-- conv GMACs at 256x256: {tags.get('conv_gmacs', '?')}
-- training throughput: {tags.get('images_per_s', '?')} images/s
+- params: {tags.get(PARAMS_M, '?')} M
+- conv GMACs at 256x256: {tags.get(CONV_GMACS, '?')}
+- training throughput: {tags.get(IMAGES_PER_S, '?')} images/s
 
 ## Model options
 {model_options}
@@ -285,13 +269,14 @@ Input: float32 NCHW batch in [0, 1], any batch size and image size.
 
 
 def _evaluations(tags: dict[str, str]) -> str:
-    """The card's section on the version's evaluations (`eval.{data}.*` tags), empty if none."""
-    sets = sorted({key.split(".")[1] for key in tags if key.startswith("eval.") and key.endswith(".run_id")})
+    """The card's section on the version's evaluations (EVALUATION_PREFIX + `{data}.*` tags), empty if none."""
+    sets = sorted({key.removeprefix(EVALUATION_PREFIX).split(".")[0] for key in tags
+                   if key.startswith(EVALUATION_PREFIX) and key.endswith(".run_id")})
     if not sets:
         return ""
     lines = ["", "## Evaluations"]
     for data in sets:
-        prefix = f"eval.{data}."
+        prefix = f"{EVALUATION_PREFIX}{data}."
         values = ", ".join(f"{key.removeprefix(prefix)} {value}" for key, value in sorted(tags.items())
                            if key.startswith(prefix) and key.removeprefix(prefix) not in ("run_id", "data", "protocol"))
         lines += [f"- {tags.get(prefix + 'data', data)}: {values} (metric protocol {tags.get(prefix + 'protocol', '?')}; "
@@ -302,10 +287,10 @@ def _evaluations(tags: dict[str, str]) -> str:
 def _write_card(client: MlflowClient, version: ModelVersion, uri: str) -> ModelVersion:
     """The version's card from its current tags, as its description and as an artifact of its run."""
     run = client.get_run(version.run_id)
-    has_spec = any(a.path == TRAIN_SPEC_ARTIFACT for a in client.list_artifacts(run.info.run_id, "registry"))
+    has_spec = any(a.path == TRAIN_SPEC_ARTIFACT for a in client.list_artifacts(run.info.run_id, REGISTRY_ARTIFACTS))
     reproduce = reproduce_command(uri, run.info.run_id) if has_spec else f"see run {run.info.run_id}"
     card = model_card(version, run, reproduce)
-    client.log_text(run.info.run_id, card, f"registry/model_card_{version.name}_v{version.version}.md")
+    client.log_text(run.info.run_id, card, f"{REGISTRY_ARTIFACTS}/model_card_{version.name}_v{version.version}.md")
     client.update_model_version(version.name, version.version, description=card)
     return client.get_model_version(version.name, version.version)
 
@@ -337,7 +322,7 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
             client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), TRAIN_SPEC_ARTIFACT)
         with fluent_store(resolved), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="registered_model",
+                name=REGISTERED_MODEL_ARTIFACT,
                 python_model=RestorationModel(),
                 artifacts={WEIGHTS_ARTIFACT: weights},
                 signature=image_signature(in_channels, out_channels),
@@ -369,7 +354,7 @@ def get_version(client: MlflowClient, reference: ModelReference) -> ModelVersion
     except MlflowException:
         names = ", ".join(registered_names(client)) or "none"
         raise RegistryError(f"no registered model {reference.name!r}; registered models: {names}") from None
-    versions = client.search_model_versions(f"name = '{reference.name}'")
+    versions = model_versions(client, reference.name)
     if reference.alias:
         if reference.alias not in model.aliases:
             aliases = ", ".join(f"@{a} (v{v})" for a, v in sorted(model.aliases.items())) or "none"
@@ -438,9 +423,9 @@ def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float
     log_params(client, run_id, {k: v for k, v in source.data.params.items() if k.startswith(MODEL_PREFIX)})
     sizes = {key: source.data.metrics[key] for key in (PARAMS_M, CONV_GMACS) if key in source.data.metrics}
     client.log_batch(run_id, metrics=numeric_metrics({**sizes, **record["mean"]}, 0))
-    client.log_dict(run_id, record, "evaluation.json")
+    client.log_dict(run_id, record, EVALUATION_ARTIFACT)
     client.set_terminated(run_id)
-    prefix = f"eval.{data.name}"
+    prefix = f"{EVALUATION_PREFIX}{data.name}"
     evaluation = {**{f"{prefix}.{name}": f"{value:.4f}" for name, value in record["mean"].items()},
                   f"{prefix}.run_id": run_id, f"{prefix}.data": str(data),
                   f"{prefix}.protocol": f"v{PROTOCOL_VERSION}: {task.protocol.describe()}"}
