@@ -76,10 +76,12 @@ class _CosineLogits(torch.autograd.Function):
         grad_temperature = (grad * cosine).sum_to_size(temperature.shape)
         # cos_ij = q_i.k_j / (|q_i||k_j|):  d/dq_i = sum_j g_ij k_j / (|q_i||k_j|) - q_i sum_j g_ij cos_ij / |q_i|^2
         # (the second term vanishes where the norm was clamped, as in F.normalize's backward).
-        weights = grad_cosine * inverse_norms
+        # Under autocast q and k are bf16 while the norms and the gradient are fp32, and backward runs
+        # outside autocast: the products take q's and k's dtype, as autocast gave them in forward.
+        weights = (grad_cosine * inverse_norms).to(q.dtype)
         weighted_cosine = grad_cosine * cosine
-        along_q = weighted_cosine.sum(-1, keepdim=True) / q_norm.clamp_min(_NORM_EPS).square() * (q_norm > _NORM_EPS)
-        along_k = weighted_cosine.sum(-2).unsqueeze(-1) / k_norm.clamp_min(_NORM_EPS).square() * (k_norm > _NORM_EPS)
+        along_q = (weighted_cosine.sum(-1, keepdim=True) / q_norm.clamp_min(_NORM_EPS).square() * (q_norm > _NORM_EPS)).to(q.dtype)
+        along_k = (weighted_cosine.sum(-2).unsqueeze(-1) / k_norm.clamp_min(_NORM_EPS).square() * (k_norm > _NORM_EPS)).to(k.dtype)
         # Products computed pixel-major (like q and k from a channels-last map), so the gradients
         # keep that layout and reach the projection convolution without a copy.
         grad_q = torch.addcmul(pixel_major_product(weights, k), q, along_q, value=-1)
