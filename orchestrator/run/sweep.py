@@ -61,7 +61,7 @@ from orchestrator.run.progress import SweepProgress
 from orchestrator.report.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
 from orchestrator.spec.schema import Domain, ExperimentSpec, SpecError
 from orchestrator.spec.load import check_trial_limit, load_spec_text
-from orchestrator.spec.schema import mutation_domains
+from orchestrator.spec.schema import MEDIAN_MIN_OTHERS, mutation_domains
 from orchestrator.spec.trial import resolve_trial
 from workloads.storage import filesystem, read_text, write_text
 from orchestrator.run.sweep_lock import sweep_lock
@@ -199,43 +199,61 @@ def tune_domain(domain: Domain) -> Any:
     return getattr(tune, domain.kind)(*domain.values)  # uniform, loguniform, randint, quniform
 
 
+OPTUNA_SAMPLERS = {"optuna": "TPESampler", "optuna_multi": "TPESampler", "gp": "GPSampler", "cmaes": "CmaEsSampler"}
+
+
 def _search_algorithm(spec: ExperimentSpec) -> Any:
     """The searcher, limited to max_concurrent_trials trials at once."""
     search = spec.search
     if search.algorithm in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=spec.train.seed, max_concurrent=search.max_concurrent_trials)
-    from optuna.samplers import TPESampler
+        # hyperband pauses trials until their bracket fills; the generator would count paused trials as running
+        # and never fill it: the trial_slot resources bound what runs at once instead
+        limit = 0 if search.scheduler == "hyperband" else search.max_concurrent_trials
+        return BasicVariantGenerator(random_state=spec.train.seed, max_concurrent=limit)
+    if search.algorithm == "bohb":
+        from ray.tune.search.bohb import TuneBOHB
+
+        # its own limit leaves out the trials HyperBandForBOHB paused (ConcurrencyLimiter would count them)
+        return TuneBOHB(metric=search.metric, mode=search.mode, seed=spec.train.seed,
+                        max_concurrent=search.max_concurrent_trials)
+    import optuna.samplers
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = TPESampler(seed=spec.train.seed)
-    if search.algorithm == "optuna":
-        searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
-    else:
+    sampler = getattr(optuna.samplers, OPTUNA_SAMPLERS[search.algorithm])(seed=spec.train.seed)
+    if search.algorithm == "optuna_multi":
         objectives = spec.objectives()
         searcher = OptunaSearch(metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
+    else:
+        searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
 def _scheduler(spec: ExperimentSpec) -> Any:
     """The scheduler, given the metric it ranks by itself (not through TuneConfig): a resumed sweep's scheduler
     is rebuilt from the stored reports before Tune gets it (orchestrator/run/sweep_resume.py)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune import schedulers
 
-    search = spec.search
+    search, train = spec.search, spec.train
     if search.scheduler == "fifo":
-        return FIFOScheduler()
+        return schedulers.FIFOScheduler()
+    ranking = {"time_attr": "iteration", "metric": search.metric, "mode": search.mode}
     if search.scheduler == "pbt":  # a list of values: PBT moves to a neighbouring value, a range: scales or redraws
         mutations = {d.key: d.values if d.kind == "choice" else tune_domain(d) for d in mutation_domains(search)}
-        return PopulationBasedTraining(time_attr="iteration", metric=search.metric, mode=search.mode,
-                                       perturbation_interval=search.perturbation_interval,
-                                       hyperparam_mutations=mutations, quantile_fraction=search.quantile_fraction,
-                                       resample_probability=search.resample_probability, synch=search.synch)
-    return ASHAScheduler(time_attr="iteration", metric=search.metric, mode=search.mode, max_t=spec.train.iterations,
-                         grace_period=spec.search.grace_period * spec.train.val_every,
-                         reduction_factor=spec.search.reduction_factor)
+        return schedulers.PopulationBasedTraining(**ranking, perturbation_interval=search.perturbation_interval,
+                                                  hyperparam_mutations=mutations,
+                                                  quantile_fraction=search.quantile_fraction,
+                                                  resample_probability=search.resample_probability, synch=search.synch)
+    if search.scheduler == "median":  # min_time_slice: never pause a trial for want of others to compare it with
+        return schedulers.MedianStoppingRule(**ranking, grace_period=search.grace_period * train.val_every,
+                                             min_samples_required=MEDIAN_MIN_OTHERS, min_time_slice=train.iterations)
+    if search.scheduler in ("hyperband", "bohb"):  # a paused trial restarts, its job from its last checkpoint
+        hyperband = schedulers.HyperBandForBOHB if search.scheduler == "bohb" else schedulers.HyperBandScheduler
+        return hyperband(**ranking, max_t=train.iterations, reduction_factor=search.reduction_factor)
+    return schedulers.ASHAScheduler(**ranking, max_t=train.iterations, grace_period=search.grace_period * train.val_every,
+                                    reduction_factor=search.reduction_factor)
 
 
 def _trial_name(trial: Any) -> str:

@@ -3,6 +3,8 @@ candidate value, model and task checked before anything runs (`parse_spec`, `loa
 """
 from __future__ import annotations
 
+import importlib.util
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from orchestrator.spec.schema import (
     MAX_SPEC_BYTES,
     MAX_SPEC_DEPTH,
     MAX_SPEC_NODES,
+    MEDIAN_MIN_OTHERS,
     PROFILE_METRICS,
+    SAMPLING_ALGORITHMS,
     SEARCHABLE_SECTIONS,
     Domain,
     ExperimentSpec,
@@ -199,25 +203,73 @@ def _check_search(spec: ExperimentSpec, task_metrics: list[str]) -> None:
             raise SpecError(f"search.scheduler: {search.scheduler} ranks trials by one metric; use scheduler: fifo with "
                             "optuna_multi")
     elif search.objectives:
-        raise SpecError(f"search.objectives: only used by algorithm optuna_multi (algorithm is {search.algorithm}); "
-                        "remove it or set algorithm: optuna_multi")
+        raise SpecError(f"search.objectives: only used by algorithm optuna_multi (algorithm is {search.algorithm}, "
+                        "which optimises search.metric alone); remove it or set algorithm: optuna_multi")
     if search.algorithm == "grid" and any(d.kind != "grid" for d in space):
         kinds = sorted({d.kind for d in space if d.kind != "grid"})
         raise SpecError(f"search.algorithm: grid takes only {{grid: [...]}} entries, found {', '.join(kinds)}; use random or optuna")
-    if search.algorithm.startswith("optuna"):
+    if search.algorithm in SAMPLING_ALGORITHMS:
         grids = [d.key for d in space if d.kind == "grid"]
         if grids:
-            raise SpecError(f"{grids[0]}: optuna samples its own points and takes no {{grid: [...]}} entries; "
-                            "write {choice: [...]} instead")
+            raise SpecError(f"{grids[0]}: {search.algorithm} samples its own points and takes no {{grid: [...]}} "
+                            "entries; write {choice: [...]} instead")
         if not space:
-            raise SpecError("search.algorithm: optuna needs a search space; add an entry such as "
+            raise SpecError(f"search.algorithm: {search.algorithm} needs a search space; add an entry such as "
                             "model.glmha.alpha: {uniform: [0.2, 0.8]}")
+    _check_searcher_space(search.algorithm, space)
+    _check_scheduler(spec)
     val_every, checkpoint_every = spec.train.val_every, spec.train.checkpoint_every
     if checkpoint_every % val_every:
         raise SpecError(f"train.checkpoint_every ({checkpoint_every}) must be a multiple of train.val_every ({val_every}) "
                         "so that every checkpoint is scored by search.metric; e.g. checkpoint_every: "
                         f"{val_every * max(1, round(checkpoint_every / val_every))}")
     _check_pbt(spec)
+
+
+def _check_searcher_space(algorithm: str, space: list[Domain]) -> None:
+    """The entry kinds cmaes and bohb can search."""
+    if algorithm == "cmaes":
+        choices = [d.key for d in space if d.kind == "choice"]
+        if choices:
+            raise SpecError(f"{choices[0]}: cmaes (CMA-ES) searches ranges only ({{uniform: ...}}, {{loguniform: ...}}, "
+                            "{quniform: ...}, {randint: ...}), not {choice: [...]}; write a range, or use algorithm gp "
+                            "or optuna, which take choices")
+    if algorithm == "bohb":
+        quantized = [d.key for d in space if d.kind == "quniform"]
+        if quantized:
+            raise SpecError(f"{quantized[0]}: bohb drops quniform's step (its ConfigSpace has none) and would try "
+                            "values off it; write {choice: [...]} of the values, or {uniform: [lo, hi]}")
+        missing = [name for name in ("hpbandster", "ConfigSpace") if importlib.util.find_spec(name) is None]
+        if missing:  # Ray's TuneBOHB imports them only when the sweep starts
+            raise SpecError(f"search.algorithm: bohb needs the package(s) {', '.join(missing)}, which are not "
+                            "installed; reinstall restorch, or use algorithm gp or optuna")
+
+
+def _check_scheduler(spec: ExperimentSpec) -> None:
+    """The scheduler fits the searcher and has trials enough to act on (pbt: `_check_pbt`)."""
+    search, algorithm, scheduler = spec.search, spec.search.algorithm, spec.search.scheduler
+    if algorithm == "bohb" and scheduler != "bohb":
+        raise SpecError(f"search.scheduler: algorithm bohb learns from the budgets at HyperBand's rungs and needs "
+                        f"scheduler: bohb (HyperBandForBOHB), not {scheduler}; set scheduler: bohb")
+    if scheduler == "bohb" and algorithm != "bohb":
+        raise SpecError(f"search.algorithm: scheduler bohb (HyperBandForBOHB) works with algorithm bohb only, not "
+                        f"{algorithm}; set algorithm: bohb, or use scheduler hyperband or asha")
+    if scheduler == "hyperband":
+        if algorithm not in ("random", "grid"):
+            raise SpecError(f"search.scheduler: hyperband pauses trials until all of its bracket reach a rung, but "
+                            f"{algorithm} suggests a new trial only when a running one ends, so brackets never fill; "
+                            f"use scheduler asha or median with {algorithm}, or algorithm and scheduler bohb")
+        # Ray's HyperBand first fills its bracket that stops nothing (s = 0), as many trials as it has brackets
+        brackets = round(math.log(spec.train.iterations) / math.log(search.reduction_factor)) + 1
+        if spec.trial_count() <= brackets:
+            raise SpecError(f"search.scheduler: hyperband runs its first {brackets} trials to the end (its bracket "
+                            f"that stops none, for train.iterations {spec.train.iterations} and reduction_factor "
+                            f"{search.reduction_factor:g}), and this sweep has {spec.trial_count()} trials; raise "
+                            f"search.num_samples so that it has more than {brackets}, or use scheduler asha")
+    if scheduler == "median" and spec.trial_count() <= MEDIAN_MIN_OTHERS:
+        raise SpecError(f"search.scheduler: median stopping compares a trial with {MEDIAN_MIN_OTHERS} or more others "
+                        f"and this sweep has {spec.trial_count()} trials, so it would stop none; raise "
+                        f"search.num_samples so that it has more than {MEDIAN_MIN_OTHERS}, or use scheduler fifo")
 
 
 def _check_pbt(spec: ExperimentSpec) -> None:

@@ -55,6 +55,14 @@ VARIANT_KEY = "ablation.variant"
 PBT_MUTABLE = ("train.lr", "train.weight_decay")
 
 
+# Searchers that sample their own points (Optuna's samplers, BOHB): no grid entries.
+SAMPLING_ALGORITHMS = ("optuna", "optuna_multi", "gp", "cmaes", "bohb")
+
+
+# median stopping compares a trial with this many others that reached its iteration (Ray's default).
+MEDIAN_MIN_OTHERS = 3
+
+
 # A validation set's name: it names the metrics reported on that set (psnr/Rain100L) and the report's columns.
 VAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -245,12 +253,17 @@ class TrackingSpec(_Section):
 
 
 class SearchSpec(_Section):
-    algorithm: Literal["random", "grid", "optuna", "optuna_multi"] = Field(
-        "random", description="random (and grid entries), grid, optuna (TPE) or optuna_multi (multi-objective TPE)"
+    algorithm: Literal["random", "grid", "optuna", "optuna_multi", "gp", "cmaes", "bohb"] = Field(
+        "random", description="random (and grid entries), grid, optuna (TPE), optuna_multi (multi-objective TPE), "
+                              "gp (Gaussian-process Bayesian optimisation), cmaes (CMA-ES, ranges only) or bohb "
+                              "(BOHB: Bayesian optimisation with HyperBand, with scheduler bohb)"
     )
-    scheduler: Literal["fifo", "asha", "pbt"] = Field(
-        "fifo", description="fifo runs every trial to the end; asha stops weak ones; pbt (population based training) "
-                            "continues weak trials from strong ones' checkpoints with mutated lr / weight decay")
+    scheduler: Literal["fifo", "asha", "hyperband", "median", "pbt", "bohb"] = Field(
+        "fifo", description="fifo runs every trial to the end; asha stops weak ones at rungs; hyperband (synchronous, "
+                            "with random or grid) pauses trials at rungs and continues the best; median stops a trial "
+                            "whose best is worse than the median of the others' running averages; pbt (population "
+                            "based training) continues weak trials from strong ones' checkpoints with mutated lr / "
+                            "weight decay; bohb: HyperBand for algorithm bohb")
     metric: str = Field("psnr", description="validation metric that ranks trials and checkpoints (psnr, ssim, loss, ...)")
     mode: Literal["max", "min"] = "max"
     objectives: dict[str, Literal["max", "min"]] | None = Field(
@@ -259,8 +272,9 @@ class SearchSpec(_Section):
     num_samples: int = Field(1, ge=1, description="samples of the space (grid: repeats of the full grid)")
     max_concurrent_trials: int = Field(1, ge=1)
     max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, description="refuse larger sweeps unless --yes")
-    grace_period: int = Field(1, ge=1, description="asha: validations before a trial may be stopped")
-    reduction_factor: float = Field(2, gt=1, description="asha: keep the best 1/reduction_factor at each rung")
+    grace_period: int = Field(1, ge=1, description="asha, median: validations before a trial may be stopped")
+    reduction_factor: float = Field(2, gt=1, description="asha, hyperband, bohb: keep the best 1/reduction_factor "
+                                                         "at each rung")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per trial (the best by the metric, and the latest)")
     time_budget_s: float | None = Field(None, gt=0, description="per-trial wall-time budget (the iteration budget is train.iterations)")
     perturbation_interval: int | None = Field(
