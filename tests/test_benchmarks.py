@@ -48,6 +48,15 @@ def test_deepspeed_overhead_is_the_step_time_ratio():
     assert row["deepspeed_overhead"] == pytest.approx(row["plain_img_s"] / row["deepspeed_img_s"])
 
 
+def test_the_benchmarks_module_leaves_the_slow_imports_to_the_benchmarks_using_them():
+    """`restorch bench models` pays for torch and the models only: MLflow, Ray, DeepSpeed, skimage (the
+    synthetic data) and the training recipe are imported by the benchmark steps that use them."""
+    slow = ["mlflow", "ray", "deepspeed", "skimage", "workloads.train", "workloads.synth"]
+    script = f"import sys\nimport orchestrator.run.benchmarks\nprint([m for m in {slow!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_sweep_overhead_runs_the_same_trials_both_ways(tmp_path):
     script = ("import json\nfrom orchestrator.run.benchmarks import bench_sweep\n"

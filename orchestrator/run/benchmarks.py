@@ -9,18 +9,29 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from models import build_model, list_models
 from models.attention import ATTENTIONS
 from models.profile import activation_bytes, profile_model
 from orchestrator.report.results import format_table, to_csv
+from orchestrator.run.jobs import job_config
+from orchestrator.run.timeline import PHASES, TIMELINE_ENV, first_reached
+from orchestrator.spec.load import load_spec, parse_spec
+from orchestrator.spec.trial import resolve_trial
+from workloads.session import LocalSession
+from workloads.tasks import get_task
 
 BASELINE = "restormer"  # CSA-Restormer: every ratio is to it
 BENCHMARK_EXPERIMENT = "restorch-benchmarks"
@@ -175,13 +186,8 @@ def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = No
     step: `bench_train`'s DeepSpeed step (`repeats` rounds after `warmup`) at `step_batch` images, by
     default the loader's batch on a GPU and 1 on the CPU (a full Restormer's fwd+bwd of 8 crops of 128
     pixels needs about 20 GB of host memory)."""
-    import shutil
-    import tempfile
-
-    from orchestrator.spec.load import load_spec
     from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule, local_dataset, loader_workers, training_loader
     from workloads.synth import write_dataset
-    from workloads.tasks import get_task
 
     folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-data-"))
     if spec is not None:
@@ -273,54 +279,64 @@ def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, fol
     """Orchestration overhead: `restorch sweep` of N fixed-work trials vs the same trainings run one
     after the other in this process (same loop, same DeepSpeed engine, no Ray), and the time from the
     command to the first trial's first iteration."""
-    import subprocess
-    import sys
-    import tempfile
-
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.run.jobs import job_config
-    from orchestrator.spec.load import parse_spec
-    from orchestrator.spec.trial import resolve_trial
-    from orchestrator.run.timeline import PHASES, TIMELINE_ENV, first_reached
-    from orchestrator.tracking.keys import ITERATION, TRIAL_TAG
-    from orchestrator.tracking.store import experiment_id, has_tag, search_runs
-    from workloads.session import LocalSession
-    from workloads.synth import write_dataset
-    from workloads.tasks import get_task
-    from workloads.train import init_local_process_group, run_training
-
     folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-sweep-"))
-    write_dataset(folder / "data", get_task("deraining"), count=24, size=64, seed=0)
     raw = sweep_bench_spec(folder, trials, concurrent, iterations)
-
-    init_local_process_group()
-    direct_start = time.perf_counter()
-    for seed in range(trials):
-        spec = parse_spec(resolve_trial(raw, {"train.seed": seed}))
-        run_training(job_config(spec, f"direct-{seed}", str(folder / "direct")), LocalSession(folder / "direct" / str(seed)))
-    direct_s = time.perf_counter() - direct_start
-
-    spec_file = folder / "sweep.yaml"
-    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    command = [str(Path(sys.executable).parent / "restorch"), "sweep", str(spec_file), "--yes"]
+    _write_sweep_data(folder / "data")
+    direct_s = _train_one_after_another(raw, trials, folder / "direct")
     timeline = folder / "timeline.txt"
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    environment[TIMELINE_ENV] = str(timeline)
     started_at = time.time()
-    subprocess.run(command, check=True, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
+    _run_sweep_command(raw, folder, timeline)
     sweep_s = time.time() - started_at
-
-    client = MlflowClient(raw["tracking"]["uri"])
-    children = search_runs(client, [experiment_id(client, raw["tracking"]["experiment"])], has_tag(TRIAL_TAG))
-    first_iteration = min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, ITERATION)
-                          if m.step == 1) / 1000
+    first_iteration = _first_iteration_time(raw["tracking"])
     reached = first_reached(timeline)  # where the start-up goes: seconds from the command to each phase
     return [{"model": "sweep", "direct_s": direct_s, "sweep_s": sweep_s, "sweep_overhead": sweep_s / direct_s,
              "trial_s": direct_s / trials,
              **{f"{phase}_s": reached[phase] - started_at if phase in reached else None for phase in PHASES},
              "first_iteration_s": first_iteration - started_at}]
+
+
+# The sweep benchmark's steps. Each imports what only it needs and is slow to import (skimage, the
+# training recipe, MLflow: seconds each), so that the other benchmarks do not pay for them.
+
+def _write_sweep_data(folder: Path) -> None:
+    from workloads.synth import write_dataset
+
+    write_dataset(folder, get_task("deraining"), count=24, size=64, seed=0)
+
+
+def _train_one_after_another(raw: dict[str, Any], trials: int, folder: Path) -> float:
+    """Seconds to train the sweep's trials in this process, one after the other (no Ray)."""
+    from workloads.train import init_local_process_group, run_training
+
+    init_local_process_group()
+    started = time.perf_counter()
+    for seed in range(trials):
+        spec = parse_spec(resolve_trial(raw, {"train.seed": seed}))
+        run_training(job_config(spec, f"direct-{seed}", str(folder)), LocalSession(folder / str(seed)))
+    return time.perf_counter() - started
+
+
+def _run_sweep_command(raw: dict[str, Any], folder: Path, timeline: Path) -> None:
+    """`restorch sweep` of `raw` in a new process on its own Ray, writing when it reaches each phase to `timeline`."""
+    spec_file = folder / "sweep.yaml"
+    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = [str(Path(sys.executable).parent / "restorch"), "sweep", str(spec_file), "--yes"]
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment[TIMELINE_ENV] = str(timeline)
+    subprocess.run(command, check=True, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
+
+
+def _first_iteration_time(tracking: dict[str, str]) -> float:
+    """When (epoch seconds) the sweep's first trial logged its first iteration to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.keys import ITERATION, TRIAL_TAG
+    from orchestrator.tracking.store import experiment_id, has_tag, search_runs
+
+    client = MlflowClient(tracking["uri"])
+    children = search_runs(client, [experiment_id(client, tracking["experiment"])], has_tag(TRIAL_TAG))
+    return min(m.timestamp for run in children for m in client.get_metric_history(run.info.run_id, ITERATION)
+               if m.step == 1) / 1000
 
 
 def _known_peak() -> float | None:

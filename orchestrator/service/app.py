@@ -18,47 +18,52 @@ over MAX_BODY_BYTES get 413, a user's second submission while their first is sti
 429, and what the database cannot hold (a NUL, a lone surrogate, names and paths longer than its
 columns) 422.
 
-The queue is the database (orchestrator/service/db.py); the dispatcher thread (orchestrator/
+The queue is the database (orchestrator/service/db.py); the dispatcher thread (orchestrator/service/
 dispatcher.py) submits queued experiments as Ray jobs and follows them; results are read from the
 experiment's folder in the service's storage and its MLflow server (orchestrator/service/results.py),
 never from an address a spec names. Endpoints are sync functions (FastAPI runs them in its thread
 pool), so a slow read holds one thread, not the event loop; MLflow calls have a timeout (MLFLOW_LIMITS).
+
+The routes are in two routers, `experiments` and `reports`; what they need (the database, the policy,
+the dispatcher, the caller, the experiment a path names) comes as FastAPI dependencies
+(orchestrator/service/dependencies.py) from what `create_app` keeps in `app.state`. `create_app`
+assembles the routers with the app-wide parts: the token-in-URL guard, ASCII JSON errors and the
+dispatcher's lifespan.
 """
-# No `from __future__ import annotations`: FastAPI reads the annotations of the routes defined in
-# create_app, which name its local types (Who, ExperimentId).
+from __future__ import annotations
+
 import json
 import logging
 import os
 import re
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.service.auth import USER_PATTERN, Caller, authenticate
-from orchestrator.service.dispatcher import Cluster, Dispatcher, Limits
 from orchestrator.run.remote import check_for_cluster
+from orchestrator.run.submit import KINDS
+from orchestrator.service.auth import USER_PATTERN
 from orchestrator.service.db import FINAL_STATES, Experiment, transition, utcnow
+from orchestrator.service.dependencies import (AppDispatcher, Database, OnePerUser, Owned, Policy, RayDashboard,
+                                               ValidationSlots, Who, owned)
+from orchestrator.service.dispatcher import Cluster, Dispatcher, Limits
 from orchestrator.service.policy import ServicePolicy
 from orchestrator.service.results import experiment_folder, jsonable, report_files, sweep_result, train_result
-from orchestrator.spec.schema import MAX_SPEC_BYTES, ExperimentSpec, SpecError
 from orchestrator.spec.load import check_trial_limit, load_spec_text, parse_spec, spec_values
-from orchestrator.run.submit import KINDS
+from orchestrator.spec.schema import MAX_SPEC_BYTES, ExperimentSpec, SpecError
 
 MAX_BODY_BYTES = 1024 * 1024
-MAX_ID = 2**63 - 1  # the largest id a database integer holds
 # The service's own MLflow calls (result pages): a tracking server that does not answer costs a request 10 s, not minutes.
 MLFLOW_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 URL_TOKEN_PARAMS = ("token", "access_token", "api_key", "apikey", "auth", "authorization", "key")
@@ -162,178 +167,154 @@ def validate_submission(body: ExperimentIn, policy: ServicePolicy, user: str) ->
     return spec
 
 
-class OnePerUser:
-    """At most one validation per user at a time: a user cannot occupy the service's threads with specs."""
+def stored_spec(experiment: Experiment, policy: ServicePolicy) -> ExperimentSpec:
+    """The experiment's spec as queued, once more held to the policy: pages read only the service's storage."""
+    spec = load_spec_text(experiment.spec, f"experiment {experiment.id}'s spec")
+    policy.check_stored(spec, experiment.user)
+    return spec
 
-    def __init__(self) -> None:
-        self._lock, self._busy = threading.Lock(), set[str]()
 
-    @contextmanager
-    def held(self, user: str) -> Iterator[None]:
-        with self._lock:
-            if user in self._busy:
-                raise HTTPException(429, "your previous submission is still being validated; send this one after it")
-            self._busy.add(user)
+experiments = APIRouter(prefix="/experiments")
+
+
+@experiments.post("", status_code=201, response_model=ExperimentOut)
+def submit(body: ExperimentIn, who: Who, sessions: Database, policy: Policy, dispatcher: AppDispatcher,
+           validating: ValidationSlots) -> Experiment:
+    """Validate the spec and queue the experiment."""
+    with validating.held(who.user):
         try:
-            yield
-        finally:
-            with self._lock:
-                self._busy.discard(user)
+            spec = validate_submission(body, policy, who.user)
+        except SpecError as error:
+            raise HTTPException(422, str(error)) from None
+    with sessions.begin() as session:
+        clash = session.scalars(select(Experiment.id).where(
+            Experiment.name == spec.name, Experiment.storage == spec.storage.path,
+            Experiment.status.in_(("queued", "running")))).first()
+        if clash is not None:  # storage is the user's own prefix: the clash is one of their own experiments
+            raise HTTPException(409, f"the name {spec.name!r} is taken by one of your experiments that is queued "
+                                     "or running; rename this one")
+        experiment = Experiment(user=who.user, kind=body.kind, name=spec.name, storage=spec.storage.path,
+                                priority=body.priority, spec=yaml.safe_dump(spec.as_written(), sort_keys=False))
+        session.add(experiment)
+    dispatcher.wake()
+    return experiment
+
+
+@experiments.get("", response_model=list[ExperimentOut])
+def list_experiments(who: Who, sessions: Database, user: str | None = None, status: State | None = None,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Sequence[Experiment]:
+    """Experiments, newest first: the caller's own (an admin: everyone's, or `user`'s)."""
+    if user is not None and not re.match(USER_PATTERN, user):
+        raise HTTPException(422, f"user: {user[:80]!r} is not a user name (lower-case letters, digits, _ and -)")
+    query = select(Experiment).order_by(Experiment.id.desc()).limit(limit)
+    if not who.admin:
+        query = query.where(Experiment.user == who.user)
+    if user is not None:
+        query = query.where(Experiment.user == user)
+    if status is not None:
+        query = query.where(Experiment.status == status)
+    with sessions() as session:
+        return session.scalars(query).all()
+
+
+@experiments.get("/{experiment_id}", response_model=ExperimentDetail)
+def show(experiment: Owned, policy: Policy, ray_address: RayDashboard) -> ExperimentDetail:
+    """The experiment's state and what it has produced so far."""
+    result, error, links = None, None, {}
+    if ray_address and experiment.ray_job_id:
+        links["ray_job"] = f"{ray_address}/#/jobs/{experiment.ray_job_id}"
+    try:
+        spec = stored_spec(experiment, policy)
+        if spec.tracking.uri:
+            links["mlflow"] = spec.tracking.uri
+        if experiment.status != "queued":
+            result = train_result(spec) if experiment.kind == "train" else sweep_result(spec)
+    except Exception as failure:  # storage or MLflow unreachable, an unreadable spec: still return the state
+        error = f"{type(failure).__name__}: {failure}"
+    return ExperimentDetail(**ExperimentOut.model_validate(experiment).model_dump(), spec=experiment.spec,
+                            result=result, result_error=error, links=links)
+
+
+@experiments.post("/{experiment_id}/cancel", response_model=ExperimentOut)
+def cancel(experiment: Owned, who: Who, sessions: Database, dispatcher: AppDispatcher) -> Experiment:
+    """Cancel a queued experiment, or stop a running one's Ray job (it ends cancelled once stopped)."""
+    if experiment.status in FINAL_STATES:
+        raise HTTPException(409, f"experiment {experiment.id} has already ended: {experiment.status}")
+    if not transition(sessions, experiment.id, "queued", status="cancelled", finished_at=utcnow(),
+                      message="cancelled before it started"):
+        experiment = owned(experiment.id, who, sessions)  # it started meanwhile
+        if experiment.status == "running":
+            try:
+                dispatcher.cluster.stop(experiment.ray_job_id)
+            except Exception as failure:  # the head is down or refused
+                raise HTTPException(503, f"could not stop Ray job {experiment.ray_job_id}: "
+                                         f"{type(failure).__name__}: {failure}") from None
+            transition(sessions, experiment.id, "running",
+                       message=f"stop requested: ends cancelled once Ray job {experiment.ray_job_id} has stopped")
+    dispatcher.wake()
+    return owned(experiment.id, who, sessions)
+
+
+reports = APIRouter(prefix="/experiments")
+
+
+@reports.get("/{experiment_id}/report", response_model=Report)
+def report(experiment: Owned, policy: Policy) -> Report:
+    """The report files of a sweep or ablation: 404 until it has written them."""
+    if experiment.kind == "train":
+        raise HTTPException(404, f"experiment {experiment.id} is a train job, which writes no report: "
+                                 f"GET /experiments/{experiment.id} has its metrics")
+    if experiment.status == "queued":
+        raise HTTPException(404, f"experiment {experiment.id} has no report yet (queued): the {experiment.kind} "
+                                 "writes it when it ends")
+    try:
+        spec = stored_spec(experiment, policy)
+        folder, files = experiment_folder(spec), report_files(spec)
+    except Exception as failure:  # storage or MLflow unreachable (OSError, MlflowException), a spec refused
+        raise HTTPException(503, f"could not read the report of experiment {experiment.id}: {failure}") from None
+    if not files:
+        raise HTTPException(404, f"experiment {experiment.id} has no report yet ({experiment.status}): the "
+                                 f"{experiment.kind} writes it into {folder} when it ends")
+    return Report(experiment=experiment.id, folder=folder, files=files)
+
+
+@asynccontextmanager
+async def run_dispatcher(app: FastAPI) -> AsyncIterator[None]:
+    """The app's lifespan: its dispatcher runs while it is served."""
+    app.state.dispatcher.start()
+    yield
+    app.state.dispatcher.stop()
+
+
+def http_error(request: Request, error: StarletteHTTPException) -> Response:
+    return AsciiJSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+
+def invalid_request(request: Request, error: RequestValidationError) -> Response:
+    return AsciiJSONResponse({"detail": jsonable_encoder(error.errors())}, 422)
+
+
+async def no_token_in_url(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    if any(key.lower() in URL_TOKEN_PARAMS for key in request.query_params) or "rst_" in request.url.query:
+        return AsciiJSONResponse({"detail": "tokens go in the Authorization header (Bearer), never in the URL, "
+                                            "where logs and proxies keep them: revoke this one "
+                                            "(restorch serve token revoke ID) and send a new one as a header"}, 400)
+    return await call_next(request)
 
 
 def create_app(sessions: sessionmaker[Session], cluster: Cluster, limits: Limits, policy: ServicePolicy, *,
                ray_address: str | None = None) -> FastAPI:
     """The API over the queue in `sessions`, admitting specs under `policy`; its dispatcher
     (app.state.dispatcher) runs while the app is served."""
-    dispatcher = Dispatcher(sessions, cluster, limits)
-    validating = OnePerUser()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        dispatcher.start()
-        yield
-        dispatcher.stop()
-
-    app = FastAPI(title="restorch", summary="experiment queue in front of a Ray cluster", lifespan=lifespan,
+    app = FastAPI(title="restorch", summary="experiment queue in front of a Ray cluster", lifespan=run_dispatcher,
                   max_body_size=MAX_BODY_BYTES, default_response_class=AsciiJSONResponse)
-    app.state.dispatcher = dispatcher
-
-    @app.exception_handler(StarletteHTTPException)
-    def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        return AsciiJSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    def invalid_request(request: Request, error: RequestValidationError) -> Response:
-        return AsciiJSONResponse({"detail": jsonable_encoder(error.errors())}, 422)
-
-    @app.middleware("http")
-    async def no_token_in_url(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if any(key.lower() in URL_TOKEN_PARAMS for key in request.query_params) or "rst_" in request.url.query:
-            return AsciiJSONResponse({"detail": "tokens go in the Authorization header (Bearer), never in the URL, "
-                                                "where logs and proxies keep them: revoke this one "
-                                                "(restorch serve token revoke ID) and send a new one as a header"}, 400)
-        return await call_next(request)
-    bearer = HTTPBearer(auto_error=False, description="a token from `restorch serve token create USER`")
-
-    def caller(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-        found = authenticate(sessions, credentials.credentials) if credentials else None
-        if found is None:
-            raise HTTPException(401, "a valid token is required: send `Authorization: Bearer <token>` "
-                                     "(tokens come from `restorch serve token create USER`)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        return found
-
-    Who = Annotated[Caller, Depends(caller)]
-    ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID)]
-
-    def stored_spec(experiment: Experiment) -> ExperimentSpec:
-        """The experiment's spec as queued, once more held to the policy: pages read only the service's storage."""
-        spec = load_spec_text(experiment.spec, f"experiment {experiment.id}'s spec")
-        policy.check_stored(spec, experiment.user)
-        return spec
-
-    def owned(experiment_id: int, who: Caller) -> Experiment:
-        with sessions() as session:
-            experiment = session.get(Experiment, experiment_id)
-        if experiment is None or not (who.admin or experiment.user == who.user):
-            raise HTTPException(404, f"no experiment {experiment_id} (among yours)")
-        return experiment
-
-    @app.post("/experiments", status_code=201, response_model=ExperimentOut)
-    def submit(body: ExperimentIn, who: Who) -> Experiment:
-        """Validate the spec and queue the experiment."""
-        with validating.held(who.user):
-            try:
-                spec = validate_submission(body, policy, who.user)
-            except SpecError as error:
-                raise HTTPException(422, str(error)) from None
-        with sessions.begin() as session:
-            clash = session.scalars(select(Experiment.id).where(
-                Experiment.name == spec.name, Experiment.storage == spec.storage.path,
-                Experiment.status.in_(("queued", "running")))).first()
-            if clash is not None:  # storage is the user's own prefix: the clash is one of their own experiments
-                raise HTTPException(409, f"the name {spec.name!r} is taken by one of your experiments that is queued "
-                                         "or running; rename this one")
-            experiment = Experiment(user=who.user, kind=body.kind, name=spec.name, storage=spec.storage.path,
-                                    priority=body.priority, spec=yaml.safe_dump(spec.as_written(), sort_keys=False))
-            session.add(experiment)
-        dispatcher.wake()
-        return experiment
-
-    @app.get("/experiments", response_model=list[ExperimentOut])
-    def list_experiments(who: Who, user: str | None = None, status: State | None = None,
-                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Sequence[Experiment]:
-        """Experiments, newest first: the caller's own (an admin: everyone's, or `user`'s)."""
-        if user is not None and not re.match(USER_PATTERN, user):
-            raise HTTPException(422, f"user: {user[:80]!r} is not a user name (lower-case letters, digits, _ and -)")
-        query = select(Experiment).order_by(Experiment.id.desc()).limit(limit)
-        if not who.admin:
-            query = query.where(Experiment.user == who.user)
-        if user is not None:
-            query = query.where(Experiment.user == user)
-        if status is not None:
-            query = query.where(Experiment.status == status)
-        with sessions() as session:
-            return session.scalars(query).all()
-
-    @app.get("/experiments/{experiment_id}", response_model=ExperimentDetail)
-    def show(experiment_id: ExperimentId, who: Who) -> ExperimentDetail:
-        """The experiment's state and what it has produced so far."""
-        experiment = owned(experiment_id, who)
-        result, error, links = None, None, {}
-        if ray_address and experiment.ray_job_id:
-            links["ray_job"] = f"{ray_address}/#/jobs/{experiment.ray_job_id}"
-        try:
-            spec = stored_spec(experiment)
-            if spec.tracking.uri:
-                links["mlflow"] = spec.tracking.uri
-            if experiment.status != "queued":
-                result = train_result(spec) if experiment.kind == "train" else sweep_result(spec)
-        except Exception as failure:  # storage or MLflow unreachable, an unreadable spec: still return the state
-            error = f"{type(failure).__name__}: {failure}"
-        return ExperimentDetail(**ExperimentOut.model_validate(experiment).model_dump(), spec=experiment.spec,
-                                result=result, result_error=error, links=links)
-
-    @app.post("/experiments/{experiment_id}/cancel", response_model=ExperimentOut)
-    def cancel(experiment_id: ExperimentId, who: Who) -> Experiment:
-        """Cancel a queued experiment, or stop a running one's Ray job (it ends cancelled once stopped)."""
-        experiment = owned(experiment_id, who)
-        if experiment.status in FINAL_STATES:
-            raise HTTPException(409, f"experiment {experiment_id} has already ended: {experiment.status}")
-        if not transition(sessions, experiment_id, "queued", status="cancelled", finished_at=utcnow(),
-                          message="cancelled before it started"):
-            experiment = owned(experiment_id, who)  # it started meanwhile
-            if experiment.status == "running":
-                try:
-                    cluster.stop(experiment.ray_job_id)
-                except Exception as failure:  # the head is down or refused
-                    raise HTTPException(503, f"could not stop Ray job {experiment.ray_job_id}: "
-                                             f"{type(failure).__name__}: {failure}") from None
-                transition(sessions, experiment_id, "running",
-                           message=f"stop requested: ends cancelled once Ray job {experiment.ray_job_id} has stopped")
-        dispatcher.wake()
-        return owned(experiment_id, who)
-
-    @app.get("/experiments/{experiment_id}/report", response_model=Report)
-    def report(experiment_id: ExperimentId, who: Who) -> Report:
-        """The report files of a sweep or ablation: 404 until it has written them."""
-        experiment = owned(experiment_id, who)
-        if experiment.kind == "train":
-            raise HTTPException(404, f"experiment {experiment_id} is a train job, which writes no report: "
-                                     f"GET /experiments/{experiment_id} has its metrics")
-        if experiment.status == "queued":
-            raise HTTPException(404, f"experiment {experiment_id} has no report yet (queued): the {experiment.kind} "
-                                     "writes it when it ends")
-        try:
-            spec = stored_spec(experiment)
-            folder, files = experiment_folder(spec), report_files(spec)
-        except Exception as failure:  # storage or MLflow unreachable (OSError, MlflowException), a spec refused
-            raise HTTPException(503, f"could not read the report of experiment {experiment_id}: {failure}") from None
-        if not files:
-            raise HTTPException(404, f"experiment {experiment_id} has no report yet ({experiment.status}): the "
-                                     f"{experiment.kind} writes it into {folder} when it ends")
-        return Report(experiment=experiment_id, folder=folder, files=files)
-
+    app.state.sessions, app.state.policy, app.state.ray_address = sessions, policy, ray_address
+    app.state.dispatcher, app.state.validating = Dispatcher(sessions, cluster, limits), OnePerUser()
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.middleware("http")(no_token_in_url)
+    app.include_router(experiments)
+    app.include_router(reports)
     return app
 
 
