@@ -7,6 +7,10 @@ A column's best value is bold only when it beats the runner-up by more than the 
 deviation (`best_value`); the timings are never bold, and a note names the machines they were measured
 on. Cells are formatted here, from the report's rows (orchestrator/report/build.py), with a fixed number of
 decimals per column.
+
+A sweep's two-way table (orchestrator/report/two_way.py: one factor's values as rows, the other's as columns)
+is formatted and marked the same way (`two_way_cells`); the sweep report's page (sweep_page.py) is built
+from the same Markdown, LaTeX and HTML tables and figures.
 """
 from __future__ import annotations
 
@@ -14,11 +18,15 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from orchestrator.report.model import Report, better
 from orchestrator.report.results import Row
+
+if TYPE_CHECKING:
+    from orchestrator.report.two_way import TwoWay
 
 METRIC_FORMATS = {"psnr": ".2f"}  # other metrics (ssim, mrae, rmse): ".4f"
 BASELINE_MARK = " (baseline)"
@@ -90,16 +98,35 @@ def cells(report: Report) -> tuple[list[str], list[list[Cell | str]]]:
         line: list[Cell | str] = [row["variant"] + (BASELINE_MARK if row["baseline"] else "")]
         if with_factor:
             line.append("" if row["baseline"] else row["factor"])
-        for column in columns:
-            value, std, delta = row.get(column.key), row.get(f"{column.key}_std"), row.get(f"{column.key}_delta_pct")
-            line.append(Cell(
-                value="-" if value is None else format(value, column.fmt),
-                spread=format(std, column.fmt) if column.spread and std is not None else None,
-                delta=f"{delta:+.2f}%" if column.delta and delta is not None and not row["baseline"] else None,
-                best=value is not None and value == best[column.key],
-            ))
+        line += [format_cell(row, column, best[column.key], with_delta=not row["baseline"]) for column in columns]
         table.append(line)
     return headers, table
+
+
+def format_cell(row: Row, column: Column, best: float | None, *, with_delta: bool = True) -> Cell:
+    """The row's value of the column, formatted: with its ± std (spread columns), its Δ% (delta columns,
+    `with_delta`), bold when it is the column's `best`."""
+    value, std, delta = row.get(column.key), row.get(f"{column.key}_std"), row.get(f"{column.key}_delta_pct")
+    return Cell(value="-" if value is None else format(value, column.fmt),
+                spread=format(std, column.fmt) if column.spread and std is not None else None,
+                delta=f"{delta:+.2f}%" if column.delta and delta is not None and with_delta else None,
+                best=value is not None and value == best)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-way tables (sweep reports): one factor's values as rows, the other's as columns, each cell the metric's
+# mean ± std over the trials that ran that pair; the best cell marked as an ablation column's best is
+
+
+def two_way_cells(table: TwoWay) -> tuple[list[str], list[list[Cell | str]]]:
+    """The headers (`row key \\ column key`, then the column factor's values) and, per row factor value,
+    its label followed by the formatted cells."""
+    column = Column(table.metric, table.metric.upper(), METRIC_FORMATS.get(table.metric, ".4f"), better(table.metric),
+                    spread=True)
+    best = best_value(table.cells, column)
+    headers = [f"{table.row_key} \\ {table.column_key}", *(str(value) for value in table.column_values)]
+    return headers, [[str(row_value), *(format_cell(table.cell(row_value, column_value), column, best)
+                                        for column_value in table.column_values)] for row_value in table.row_values]
 
 
 def caption(report: Report) -> str:
@@ -133,7 +160,8 @@ def notes(report: Report) -> list[str]:
                   "they depend on the machine and on what else ran on it, so they are never marked best and compare "
                   "only within one machine."]
     lines.append(f"Built from MLflow run {report.parent_run_id} (restorch report {report.name}).")
-    return lines
+    lines.append(f"Reproducibility record: {'; '.join(report.record)}.")
+    return [*(f"Warning: {warning}." for warning in report.warnings), *lines]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,12 +176,16 @@ def _markdown_cell(cell: Cell | str) -> str:
     return text + (f" ({cell.delta})" if cell.delta else "")
 
 
+def markdown_grid(headers: list[str], table: list[list[Cell | str]]) -> list[str]:
+    """The lines of a Markdown table: text columns left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header.replace("|", r"\|") for header in headers) + " |",
+             "|" + "|".join(":---" if isinstance(cell, str) else "---:" for cell in table[0]) + "|"]
+    return lines + ["| " + " | ".join(_markdown_cell(cell) for cell in line) + " |" for line in table]
+
+
 def markdown_table(report: Report) -> str:
     headers, table = cells(report)
-    lines = [f"# Ablation {report.name}", "", caption(report), "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join(":---" if isinstance(cell, str) else "---:"
-                                                               for cell in table[0]) + "|"]
-    lines += ["| " + " | ".join(_markdown_cell(cell) for cell in line) + " |" for line in table]
+    lines = [f"# Ablation {report.name}", "", caption(report), "", *markdown_grid(headers, table)]
     lines += ["", *(f"- {note}" for note in notes(report))]
     return "\n".join(lines) + "\n"
 
@@ -174,16 +206,21 @@ def _latex_cell(cell: Cell | str) -> str:
     return text + (f" ({tex_escape(cell.delta)})" if cell.delta else "")
 
 
-def latex_table(report: Report) -> str:
-    """A booktabs table (\\usepackage{booktabs})."""
-    headers, table = cells(report)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(caption(report))}}}",
-             rf"\label{{tab:{report.name}}}",
+def latex_float(headers: list[str], table: list[list[Cell | str]], caption_text: str, label: str) -> str:
+    """A booktabs table (\\usepackage{booktabs}) of these headers and cells."""
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(caption_text)}}}", rf"\label{{tab:{label}}}",
              r"\begin{tabular}{" + "".join("l" if isinstance(cell, str) else "r" for cell in table[0]) + "}", r"\toprule",
              " & ".join(tex_escape(header) for header in headers) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex_cell(cell) for cell in line) + r" \\" for line in table]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def latex_table(report: Report) -> str:
+    """The ablation table in booktabs (\\usepackage{booktabs})."""
+    headers, table = cells(report)
+    warnings = "".join(f"% Warning: {warning}.\n" for warning in report.warnings)
+    return warnings + latex_float(headers, table, caption(report), report.name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,33 +247,47 @@ def _html_cell(cell: Cell | str) -> str:
     return f"<td>{text}{f' <span class=delta>({html.escape(cell.delta)})</span>' if cell.delta else ''}</td>"
 
 
-def html_page(report: Report, folder: Path, plots: dict[str, str]) -> str:
-    """One file with everything: the table, notes, the plots (`folder/{name}.png`, embedded) and the
-    ablation section of the spec."""
-    headers, table = cells(report)
-    rows = "\n".join(f"<tr{' class=baseline' if row['baseline'] else ''}>{''.join(_html_cell(cell) for cell in line)}</tr>"
-                     for row, line in zip(report.rows, table))
-    figures = "\n".join(
-        f"<figure><img alt=\"{html.escape(text)}\" src=\"data:image/png;base64,"
-        f"{base64.b64encode((folder / f'{name}.png').read_bytes()).decode()}\"><figcaption>{html.escape(text)}"
-        "</figcaption></figure>" for name, text in plots.items())
-    ablation = yaml.safe_dump({"ablation": report.spec.config()["ablation"]}, sort_keys=False, allow_unicode=True)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>Ablation {html.escape(report.name)}</title><style>{_STYLE}</style></head>
-<body>
-<h1>Ablation {html.escape(report.name)}</h1>
-<p>{html.escape(caption(report))}</p>
-<table>
+def html_table(headers: list[str], table: list[list[Cell | str]], row_classes: list[str | None] | None = None) -> str:
+    """A <table> of these headers and cells; `row_classes`: a CSS class per row (None: none)."""
+    classes = row_classes or [None] * len(table)
+    rows = "\n".join(f"<tr{f' class={css}' if css else ''}>{''.join(_html_cell(cell) for cell in line)}</tr>"
+                     for css, line in zip(classes, table))
+    return f"""<table>
 <thead><tr>{''.join(f'<th{" class=text" if isinstance(cell, str) else ""}>{html.escape(header)}</th>'
                    for header, cell in zip(headers, table[0]))}</tr></thead>
 <tbody>
 {rows}
 </tbody>
-</table>
+</table>"""
+
+
+def html_figures(folder: Path, plots: dict[str, str]) -> str:
+    """The plots (`folder/{name}.png`, embedded), each with its caption."""
+    return "\n".join(
+        f"<figure><img alt=\"{html.escape(text)}\" src=\"data:image/png;base64,"
+        f"{base64.b64encode((folder / f'{name}.png').read_bytes()).decode()}\"><figcaption>{html.escape(text)}"
+        "</figcaption></figure>" for name, text in plots.items())
+
+
+def html_head(title: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>"""
+
+
+def html_page(report: Report, folder: Path, plots: dict[str, str]) -> str:
+    """One file with everything: the table, notes, the plots (`folder/{name}.png`, embedded) and the
+    ablation section of the spec."""
+    headers, table = cells(report)
+    ablation = yaml.safe_dump({"ablation": report.spec.config()["ablation"]}, sort_keys=False, allow_unicode=True)
+    return f"""{html_head(f"Ablation {report.name}")}
+<p>{html.escape(caption(report))}</p>
+{html_table(headers, table, ["baseline" if row["baseline"] else None for row in report.rows])}
 <ul>{''.join(f'<li>{html.escape(note)}</li>' for note in notes(report))}</ul>
 {'<h2>Plots</h2>' if plots else ''}
-{figures}
+{html_figures(folder, plots)}
 <h2>Ablation spec</h2>
 <pre>{html.escape(ablation)}</pre>
 </body>

@@ -19,7 +19,7 @@ from orchestrator.report.results import pareto_front
 COLORS = matplotlib.colormaps["tab10"].colors
 
 
-def _save(figure: Figure, folder: Path, name: str) -> None:
+def save_figure(figure: Figure, folder: Path, name: str) -> None:
     figure.savefig(folder / f"{name}.png", dpi=120)
     with matplotlib.rc_context({"svg.hashsalt": "restorch"}):
         figure.savefig(folder / f"{name}.svg", metadata={"Date": None})
@@ -37,7 +37,7 @@ def draw_plots(report: Report, folder: Path) -> dict[str, str]:
     for plot, draw in (("pareto", _pareto), ("delta", _delta), ("curves", _curves)):
         figure = Figure(figsize=(7, 4.5), layout="constrained")
         draw(report, figure, metric)
-        _save(figure, folder, plot)
+        save_figure(figure, folder, plot)
     return plots
 
 
