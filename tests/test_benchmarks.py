@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RESTORMER
 from orchestrator.run.benchmarks import BENCHMARK_EXPERIMENT, bench_models, log_benchmark
+from orchestrator.tracking.keys import RECORD_ARTIFACTS
 from orchestrator.run.timeline import PHASES, TIMELINE_ENV, first_reached, mark
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
@@ -31,7 +32,7 @@ def test_model_ratios_are_to_csa_restormer_and_logged(tmp_path):
     run = MlflowClient(uri).get_run(log_benchmark("models", [base, glmha], {"size": 32}, uri))
     assert run.data.tags["restorch.kind"] == "benchmark" and run.data.params["size"] == "32"
     assert run.data.metrics["restormer_glmha.fwd_bwd_ratio"] == pytest.approx(glmha["fwd_bwd_ratio"])
-    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"models.txt", "models.csv"}
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"models.txt", "models.csv", RECORD_ARTIFACTS}
     assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == BENCHMARK_EXPERIMENT
     # beside the store, like every other run's (not a stray ./mlruns in the working directory)
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())

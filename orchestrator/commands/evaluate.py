@@ -1,5 +1,6 @@
 """`restorch evaluate`: metrics under the task's protocol, of saved results (`--pred DIR --target DIR`)
-or of a registered model run on a dataset (`--model models:/NAME@alias --data DIR`, logged to MLflow)."""
+or of a registered model run on a dataset (`--model models:/NAME@alias --data DIR [--benchmark NAME]`, logged
+to MLflow)."""
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         from orchestrator.tracking.model_registry import evaluate_version
 
         with quiet_mlflow("evaluate"):
-            result, run_id = evaluate_version(args.model, args.data, args.task, sigma=args.sigma, uri=args.tracking_uri)
+            result, run_id = evaluate_version(args.model, args.data, args.task, benchmark=args.benchmark, sigma=args.sigma,
+                                              uri=args.tracking_uri)
         print(format_result(result))
+        if args.benchmark:
+            print(f"benchmark {args.benchmark}, data digest {result['digest']}")
         print(f"logged to MLflow run {run_id} (linked to {result['model']})")
+    elif args.benchmark:
+        raise ValueError("--benchmark evaluates a registered model: give --model URI --data DIR")
     elif args.pred and args.target:
+        if args.task is None:
+            raise ValueError("--pred/--target need --task TASK (it fixes the metric protocol)")
         result = evaluate_folders(args.pred, args.target, get_task(args.task, sigma=args.sigma))
         print(format_result(result))
     else:
@@ -91,7 +99,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--model", help="a registered model, models:/NAME@alias or models:/NAME/VERSION")
     evaluate.add_argument("--data", type=Path, help="with --model: a dataset folder (input/ + target/ or another layout)")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    evaluate.add_argument("--task", required=True, choices=list(TASKS), help="fixes the protocol (e.g. Y channel for deraining)")
+    evaluate.add_argument("--task", choices=list(TASKS),
+                          help="fixes the protocol (e.g. Y channel for deraining); required unless --benchmark names it")
+    evaluate.add_argument("--benchmark", help="with --model: a catalogued test set (`restorch data benchmarks`); --data is "
+                          "checked against it first and the result carries its protocol and the data's digest")
     evaluate.add_argument("--sigma", type=float, help="gaussian_denoising noise level the results were made at (recorded)")
     evaluate.add_argument("--json", type=Path, help="also write the result record (with its protocol) to this file")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -1,4 +1,4 @@
-"""`restorch register`, `restorch registry promote|list|show|compare`, `restorch restore`."""
+"""`restorch register`, `restorch registry import|promote|list|show|compare`, `restorch restore`."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.commands import QUIET_MLFLOW_HELP
 from orchestrator.console import quiet_mlflow
+from workloads.tasks import TASKS
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -32,6 +33,20 @@ def _register(args: argparse.Namespace) -> int:
         version = model_registry.register(args.source, args.name, metric=args.metric, mode=args.mode,
                                           uri=args.tracking_uri)
     print(f"registered {version.name} v{version.version} from run {version.run_id}: models:/{version.name}/{version.version}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from orchestrator.commands.models import parse_overrides
+    from orchestrator.tracking import model_registry
+    from orchestrator.tracking.keys import SOURCE_SHA256_TAG
+
+    options = parse_overrides(args.set)
+    with quiet_mlflow("registry-import"):
+        version = model_registry.import_official(args.arch, args.file, args.name, task=args.task, options=options,
+                                                 uri=args.tracking_uri)
+    print(f"imported {args.file} ({args.arch}, sha256 {version.tags[SOURCE_SHA256_TAG]}) as {version.name} "
+          f"v{version.version}: models:/{version.name}/{version.version}")
     return 0
 
 
@@ -129,8 +144,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reg.add_argument("--verbose", action="store_true", help=QUIET_MLFLOW_HELP)
     reg.set_defaults(handler=_register)
 
-    group = subparsers.add_parser("registry", help="registered models: promote, list, show, compare")
+    group = subparsers.add_parser("registry", help="registered models: import, promote, list, show, compare")
     commands = group.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
+    imported = tracking(commands.add_parser("import", help="register the authors' released checkpoint as a model version"))
+    imported.add_argument("arch", help="restormer, hint or mst_plus_plus (models/official_weights.py)")
+    imported.add_argument("file", type=Path, help="the released checkpoint, e.g. deraining.pth")
+    imported.add_argument("--name", required=True, help="registered model name, e.g. restormer-derain-official")
+    imported.add_argument("--task", choices=list(TASKS), help="the task the checkpoint restores (recorded; evaluate uses it)")
+    imported.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="a restorch model option the release was trained with, e.g. layernorm_type=BiasFree")
+    imported.add_argument("--verbose", action="store_true", help=QUIET_MLFLOW_HELP)
+    imported.set_defaults(handler=_import)
     promote = tracking(commands.add_parser("promote", help="point an alias (e.g. champion) at a version"))
     promote.add_argument("name")
     promote.add_argument("version")

@@ -37,9 +37,10 @@ from orchestrator.report.results import Row, to_csv
 from orchestrator.spec.ablation import Variant, spec_variants
 from orchestrator.spec.load import load_spec_text
 from orchestrator.spec.schema import PROFILE_METRICS, ExperimentSpec
-from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, HTML_FILE, IMAGES_PER_S, LATEX_FILE, LOSS,
-                                        MACHINE_TAG, MARKDOWN_FILE, PARAMS_M, REPORT_ARTIFACTS, SPEC_ARTIFACT,
-                                        VARIANT_TAG)
+from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, DATA_DIGEST_PREFIX, HTML_FILE,
+                                        IMAGES_PER_S, ITERATION, LATEX_FILE, LOSS, MACHINE_TAG, MARKDOWN_FILE, PARAMS_M,
+                                        REPORT_ARTIFACTS, SPEC_ARTIFACT, VARIANT_TAG)
+from orchestrator.tracking.record import describe_record, reported_checkpoint
 from orchestrator.tracking.store import child_runs, has_tag, run_by_id_or_name, search_runs
 
 UNKNOWN_MACHINE = "unknown (not recorded)"
@@ -136,7 +137,36 @@ def build_report(client: MlflowClient, reference: str) -> Report:
         report.curves[variant.label] = curves
         report.rows.append(_variant_row(report, variant, runs, [curve[IMAGES_PER_S] for curve in curves]))
     _add_deltas(report.rows)
+    if report.trained:
+        report.warnings = arm_warnings(finished)
+    checkpoints = sorted({reported_checkpoint(run) for runs in finished.values() for run in runs})
+    report.record = describe_record(parent, checkpoint="; ".join(checkpoints) or "none (no finished run)")
     return report
+
+
+def _data_read(run: Run) -> str:
+    """What data a run read: its data.train / data.val* / data.digests params and its data digest tags."""
+    values = {**{key: value for key, value in run.data.params.items() if key.split(".")[:2] in
+                 (["data", "train"], ["data", "val"], ["data", "digests"])},
+              **{key: value for key, value in run.data.tags.items() if key.startswith(DATA_DIGEST_PREFIX)}}
+    return "; ".join(f"{key}={value}" for key, value in sorted(values.items()))
+
+
+def arm_warnings(finished: dict[str, list[Run]]) -> list[str]:
+    """Warnings on arms of one ablation whose numbers are not comparable: runs that ended at different
+    iteration counts, or that read different data."""
+    warnings = []
+    iterations = {label: sorted({int(run.data.metrics[ITERATION]) for run in runs if ITERATION in run.data.metrics})
+                  for label, runs in finished.items()}
+    if len({count for counts in iterations.values() for count in counts}) > 1:
+        warnings.append("the arms ran different iteration counts ("
+                        + ", ".join(f"{label}: {'/'.join(map(str, counts))}" for label, counts in iterations.items())
+                        + "): their metrics are not comparable; re-run the short ones (restorch ablate --resume)")
+    data = {label: sorted({_data_read(run) for run in runs}) for label, runs in finished.items()}
+    if len({read for reads in data.values() for read in reads}) > 1:
+        warnings.append("the arms read different data (" + " | ".join(f"{label}: {' / '.join(reads)}" for label, reads
+                                                                       in data.items()) + "): compare only arms of the same data")
+    return warnings
 
 
 def table_files(report: Report) -> dict[str, str]:

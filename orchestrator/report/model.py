@@ -32,6 +32,8 @@ class Report:
     columns: list[str]  # the CSV columns
     curves: dict[str, list[dict[str, Curve]]]  # variant label -> per finished run: metric -> its history
     machines: list[str] = field(default_factory=list)  # where the timings were measured, every row's
+    warnings: list[str] = field(default_factory=list)  # arms that are not comparable (iterations, data)
+    record: list[str] = field(default_factory=list)  # the reproducibility record (orchestrator/tracking/record.py)
 
     @property
     def name(self) -> str:

@@ -349,6 +349,7 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking.keys import BENCHMARK_TAG, HOST_TAG, KIND_TAG
+    from orchestrator.tracking.record import log_record, timing_protocol
     from orchestrator.tracking.runs import numeric_metrics
     from orchestrator.tracking.store import get_or_create_experiment, resolve_uri
 
@@ -360,6 +361,7 @@ def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any
         "device": torch.cuda.get_device_name() if settings.get("device") == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": str(torch.get_num_threads())})
     run_id = run.info.run_id
+    log_record(client, run_id, dtype=settings.get("dtype"), timing=timing_protocol(settings))
     for key, value in settings.items():
         client.log_param(run_id, key, value)
     # one metric per row and column; MLflow names allow no '+': restormer+glmha -> restormer_glmha

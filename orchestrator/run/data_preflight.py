@@ -92,7 +92,7 @@ def check_record(folder: Path, task: Any, *, patch_size: int | None, cache: Path
     """Where the cache keeps the outcome of the check of `folder`, as it is listed now, with these arguments."""
     folder = folder.resolve()
     arguments = f"{CHECK_VERSION}\0{folder}\0{task.name}\0{task.noise_sigma}\0{patch_size}"
-    return cache / RECORDS / f"{listing_digest(_listing(folder), version=arguments)}.json"
+    return cache / RECORDS / f"{listing_digest(folder_listing(folder), version=arguments)}.json"
 
 
 def check_folder(folder: Path, task: Any, *, patch_size: int | None, cache: Path) -> bool:
@@ -123,7 +123,7 @@ def check_folder(folder: Path, task: Any, *, patch_size: int | None, cache: Path
     return True
 
 
-def _listing(folder: Path) -> Iterator[tuple[str, int, int]]:
+def folder_listing(folder: Path) -> Iterator[tuple[str, int, int]]:
     """(relative path, size, mtime in ns) of every file under `folder`; folders as (path/, -1, 0)."""
     for top, folders, files in os.walk(folder, followlinks=True):
         relative = Path(top).relative_to(folder)

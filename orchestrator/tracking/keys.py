@@ -86,3 +86,24 @@ REGISTERED_MODEL_ARTIFACT = "registered_model"  # the pyfunc model a registered 
 EVALUATION_ARTIFACT = "evaluation.json"  # an evaluation run's result record
 REPORT_ARTIFACTS = "report"  # an ablation's report, in its parent run: these files
 CSV_FILE, MARKDOWN_FILE, LATEX_FILE, HTML_FILE = "table.csv", "table.md", "table.tex", "report.html"
+
+# the reproducibility record (orchestrator/tracking/record.py): on every training run, trial, evaluation, import
+# and benchmark run, besides GIT_COMMIT_TAG, GIT_DIRTY_TAG, VERSION_PREFIX, HOST_TAG and PLATFORM_TAG
+RUN_SEED_TAG = "restorch.seed"
+DATA_DIGEST_PREFIX = "restorch.data_digest."  # + a dataset's location or benchmark name: its digest
+DEVICE_TAG = "restorch.device"  # cpu, cuda: NVIDIA H200, ...
+DTYPE_TAG = "restorch.dtype"
+THREADS_TAG = "restorch.threads"  # torch's intra-op threads of the process that made the record
+GPUS_TAG = "restorch.gpus"  # GPUs visible to it
+REPORTED_CHECKPOINT_TAG = "restorch.reported_checkpoint"  # which checkpoint the metrics are of: "last", "best by psnr"
+TIMING_TAG = "restorch.timing"  # how speed numbers were measured: synchronised, warm-up, repeats, input size, batch
+RECORD_ARTIFACTS = "reproducibility"
+PACKAGES_ARTIFACT = f"{RECORD_ARTIFACTS}/packages.txt"  # every installed distribution, name==version
+GIT_DIFF_ARTIFACT = f"{RECORD_ARTIFACTS}/git.diff"  # the uncommitted changes, when the tree is dirty
+
+# tags of imported checkpoints (restorch registry import) and of evaluations on a catalogued benchmark
+SOURCE_FILE_TAG = "restorch.source.file"
+SOURCE_ARCH_TAG = "restorch.source.arch"
+SOURCE_FORMAT_TAG = "restorch.source.format"
+SOURCE_SHA256_TAG = "restorch.source.sha256"
+BENCHMARK_SET_TAG = "restorch.benchmark_set"  # a catalogued test set (workloads/benchmarks.py), not a speed benchmark

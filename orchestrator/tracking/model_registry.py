@@ -10,6 +10,7 @@ read here are the ones the runs are written with (orchestrator/tracking/keys.py)
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import tempfile
@@ -30,11 +31,15 @@ from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, EVALUATION_ARTIFAC
                                         MODEL_URI_TAG, MODEL_VERSION_TAG, PARAMS_M, PARENT_TAG, PROTOCOL_TAG,
                                         PROTOCOL_VERSION_TAG, REGISTERED_MODEL_ARTIFACT, REGISTRY_ARTIFACTS,
                                         SOURCE_RUN_TAG, SPACE_PREFIX, SPEC_ARTIFACT, STOPPED_BY_TAG, SWEEP_TAG,
-                                        TASK_PARAM, TASK_TAG, TRAIN_SPEC_ARTIFACT, TRIAL_TAG, VALIDATION_PREFIX)
+                                        TASK_PARAM, TASK_TAG, TRAIN_SPEC_ARTIFACT, TRIAL_TAG, VALIDATION_PREFIX,
+                                        BENCHMARK_SET_TAG, SOURCE_ARCH_TAG, SOURCE_FILE_TAG, SOURCE_FORMAT_TAG,
+                                        SOURCE_SHA256_TAG)
+from orchestrator.tracking.record import describe_record, folder_digest, log_record
 from orchestrator.tracking.store import (child_runs, get_or_create_experiment, model_versions, resolve_uri,
                                          run_by_id_or_name, search_runs)
 
 EVALUATION_EXPERIMENT = "restorch-evaluations"
+IMPORT_EXPERIMENT = "restorch-imports"  # the runs of imported checkpoints
 VERSION_PIP_REQUIREMENTS = ["restorch", "torch", "mlflow", "numpy"]
 
 
@@ -222,8 +227,9 @@ def version_tags(run: Run, metric: str) -> dict[str, str]:
     return {key: value for key, value in values.items() if value}
 
 
-def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
-    """The version's model card, from its tags (those of its run and of its evaluations) and its run's params."""
+def model_card(version: ModelVersion, run: Run, reproduce: str, inherited: dict[str, str] | None = None) -> str:
+    """The version's model card, from its tags (those of its run and of its evaluations), its run's params and
+    its run's reproducibility record (`inherited`: the tags of a trial's sweep run)."""
     name, tags = version.name, version.tags
     metric_rows = "\n".join(f"| {k.removeprefix(VALIDATION_PREFIX)} | {v} |" for k, v in tags.items()
                             if k.startswith(VALIDATION_PREFIX))
@@ -233,6 +239,10 @@ def model_card(version: ModelVersion, run: Run, reproduce: str) -> str:
     model_options = "\n".join(f"- `{k.removeprefix(MODEL_PREFIX)}`: {v}" for k, v in sorted(run.data.params.items())
                                if k.startswith(MODEL_PREFIX))
     protocol = f"v{tags['protocol_version']}: {tags['protocol']}" if "protocol" in tags else "not recorded with the run"
+    source = (f"\n## Source\nThe authors' checkpoint `{tags[SOURCE_FILE_TAG]}` ({tags.get(SOURCE_FORMAT_TAG, '?')}), "
+              f"sha256 `{tags.get(SOURCE_SHA256_TAG, '?')}`, imported into restorch's `{tags.get(SOURCE_ARCH_TAG, '?')}`\n"
+              if SOURCE_FILE_TAG in tags else "")
+    record = "\n".join(f"- {line}" for line in describe_record(run, inherited))
     return f"""# {name} v{version.version}
 
 Task: **{tags.get(TASK_TAG, '?')}**. Metric protocol {protocol}.
@@ -251,9 +261,12 @@ Data: {tags.get('data', 'not recorded with the run')}
 
 ## Model options
 {model_options}
-
+{source}
 ## Lineage
 {lineage}
+
+## Reproducibility record
+{record}
 
 ## Reproduce
 ```
@@ -278,9 +291,11 @@ def _evaluations(tags: dict[str, str]) -> str:
     for data in sets:
         prefix = f"{EVALUATION_PREFIX}{data}."
         values = ", ".join(f"{key.removeprefix(prefix)} {value}" for key, value in sorted(tags.items())
-                           if key.startswith(prefix) and key.removeprefix(prefix) not in ("run_id", "data", "protocol"))
-        lines += [f"- {tags.get(prefix + 'data', data)}: {values} (metric protocol {tags.get(prefix + 'protocol', '?')}; "
-                  f"run `{tags[prefix + 'run_id']}`)"]
+                           if key.startswith(prefix)
+                           and key.removeprefix(prefix) not in ("run_id", "data", "protocol", "digest", "benchmark"))
+        benchmark = f"benchmark {tags[prefix + 'benchmark']}, " if prefix + "benchmark" in tags else ""
+        lines += [f"- {tags.get(prefix + 'data', data)}: {values} ({benchmark}metric protocol {tags.get(prefix + 'protocol', '?')}; "
+                  f"data digest {tags.get(prefix + 'digest', 'not recorded')}; run `{tags[prefix + 'run_id']}`)"]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +304,8 @@ def _write_card(client: MlflowClient, version: ModelVersion, uri: str) -> ModelV
     run = client.get_run(version.run_id)
     has_spec = any(a.path == TRAIN_SPEC_ARTIFACT for a in client.list_artifacts(run.info.run_id, REGISTRY_ARTIFACTS))
     reproduce = reproduce_command(uri, run.info.run_id) if has_spec else f"see run {run.info.run_id}"
-    card = model_card(version, run, reproduce)
+    parent = run.data.tags.get(PARENT_TAG)
+    card = model_card(version, run, reproduce, client.get_run(parent).data.tags if parent else None)
     client.log_text(run.info.run_id, card, f"{REGISTRY_ARTIFACTS}/model_card_{version.name}_v{version.version}.md")
     client.update_model_version(version.name, version.version, description=card)
     return client.get_model_version(version.name, version.version)
@@ -298,10 +314,6 @@ def _write_card(client: MlflowClient, version: ModelVersion, uri: str) -> ModelV
 def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max", uri: str | None = None) -> ModelVersion:
     """Register `source` (a run id, or a sweep name/id: its best trial by `metric`) as a new version
     of `name`; the same run registered again returns its existing version."""
-    import mlflow
-
-    from workloads.pyfunc import WEIGHTS_ARTIFACT, RestorationModel, image_signature
-
     resolved = resolve_uri(uri)
     client = client_for(resolved)
     run = resolve_source(client, source, metric, mode)
@@ -313,24 +325,85 @@ def register(source: str, name: str, *, metric: str = "psnr", mode: str = "max",
 
     tags = version_tags(run, metric)
     spec = train_spec(client, run)
+    if spec is not None:
+        client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), TRAIN_SPEC_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder:
         weights = client.download_artifacts(run_id, MODEL_ARTIFACT, folder)
-        model_config = _torch_load_config(weights)
-        in_channels = int(model_config.get("inp_channels", 3))
-        out_channels = int(model_config.get("out_channels", in_channels))
-        if spec is not None:
-            client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), TRAIN_SPEC_ARTIFACT)
-        with fluent_store(resolved), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=REGISTERED_MODEL_ARTIFACT,
-                python_model=RestorationModel(),
-                artifacts={WEIGHTS_ARTIFACT: weights},
-                signature=image_signature(in_channels, out_channels),
-                pip_requirements=VERSION_PIP_REQUIREMENTS,
-            )
-    with fluent_store(resolved):
+        return _register_weights(client, resolved, run_id, weights, name, tags)
+
+
+def _register_weights(client: MlflowClient, uri: str, run_id: str, weights: str, name: str,
+                      tags: dict[str, str]) -> ModelVersion:
+    """Log `weights` (a model.pt: config and state dict) as the run's pyfunc model, register it as a new
+    version of `name` with `tags` and write its card."""
+    import mlflow
+
+    from workloads.pyfunc import WEIGHTS_ARTIFACT, RestorationModel, image_signature
+
+    model_config = _torch_load_config(weights)
+    in_channels = int(model_config.get("inp_channels", 3))
+    out_channels = int(model_config.get("out_channels", in_channels))
+    with fluent_store(uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=REGISTERED_MODEL_ARTIFACT,
+            python_model=RestorationModel(),
+            artifacts={WEIGHTS_ARTIFACT: weights},
+            signature=image_signature(in_channels, out_channels),
+            pip_requirements=VERSION_PIP_REQUIREMENTS,
+        )
+    with fluent_store(uri):
         version = mlflow.register_model(info.model_uri, name, tags={**tags, SOURCE_RUN_TAG: run_id})
-    return _write_card(client, client.get_model_version(name, version.version), resolved)
+    return _write_card(client, client.get_model_version(name, version.version), uri)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_official(arch: str, checkpoint: Path, name: str, *, task: str | None = None,
+                    options: dict[str, Any] | None = None, uri: str | None = None) -> ModelVersion:
+    """Register the authors' released checkpoint of `arch` (models/official_weights.py) as a new version of
+    `name`: loaded and checked first (a CheckpointMismatch names the keys; nothing is registered), then kept
+    as an import run (experiment IMPORT_EXPERIMENT) holding model.pt, the config as model.* params and the
+    source's tags (file, arch, format, SHA-256), registered the way `register` registers a trained run.
+
+    options: restorch model options over the release's config (e.g. {"dim": 8}); task: the task it restores."""
+    import torch
+
+    from models.official_weights import load_official, model_config_for, official_format
+    from orchestrator.tracking.runs import flatten, log_params
+    from workloads.metrics import PROTOCOL_VERSION
+    from workloads.tasks import get_task
+
+    checkpoint = Path(checkpoint)
+    release = model_config_for(arch, None)
+    config = {**release, **{key: {**release[key], **value} if isinstance(release.get(key), dict) and isinstance(value, dict)
+                            else value for key, value in (options or {}).items()}}
+    protocol = {PROTOCOL_TAG: get_task(task).protocol.describe(), PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION)} if task else {}
+    network = load_official(arch, checkpoint, config)
+    digest = file_sha256(checkpoint)
+    resolved = resolve_uri(uri)
+    client = client_for(resolved)
+    source = {SOURCE_FILE_TAG: checkpoint.name, SOURCE_ARCH_TAG: arch, SOURCE_SHA256_TAG: digest,
+              SOURCE_FORMAT_TAG: f"the authors' {arch} release, {{{official_format(arch).release_key!r}: state_dict}}"}
+    run_id = client.create_run(get_or_create_experiment(client, IMPORT_EXPERIMENT, resolved),
+                               run_name=f"import-{name}-{checkpoint.name}",
+                               tags={**source, **protocol, DATA_TAG: "none: the authors' weights (see Evaluations)"}).info.run_id
+    log_params(client, run_id, {**({TASK_PARAM: task} if task else {}),
+                                **{f"{MODEL_PREFIX}{key}": value for key, value in flatten(config).items()}})
+    log_record(client, run_id, dtype=str(next(network.parameters()).dtype).removeprefix("torch."),
+               checkpoint=f"the authors' released checkpoint {checkpoint.name} (sha256 {digest})")
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / Path(MODEL_ARTIFACT).name
+        torch.save({"model_config": config, "state_dict": network.state_dict()}, weights)
+        client.log_artifact(run_id, str(weights), str(Path(MODEL_ARTIFACT).parent))
+        tags = {**version_tags(client.get_run(run_id), "psnr"), **source}
+        tags.pop("metric", None)
+        return _register_weights(client, resolved, run_id, str(weights), name, tags)
 
 
 def _torch_load_config(path: str) -> dict[str, Any]:
@@ -386,16 +459,33 @@ def load_network(reference: str, uri: str | None = None) -> tuple[Any, ModelVers
     return model.unwrap_python_model().network, version
 
 
-def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float | None = None,
-                     uri: str | None = None) -> tuple[dict[str, Any], str]:
-    """The benchmark record of a registered version on a dataset folder (by the task protocol),
-    logged to a new run that is linked to the version (tags both ways). Returns (record, run id)."""
+def evaluate_version(reference: str, data: Path, task_name: str | None = None, *, benchmark: str | None = None,
+                     sigma: float | None = None, uri: str | None = None) -> tuple[dict[str, Any], str]:
+    """The result record of a registered version on a dataset folder (by the task protocol, or by the
+    catalogued `benchmark`'s: the folder is then checked against its entry first, as `restorch data check
+    --benchmark` does, and nothing is computed if it does not match), logged to a new run that is linked
+    to the version (tags both ways), with the data as an MLflow dataset input (name, digest, source).
+    Returns (record, run id)."""
     from orchestrator.tracking.runs import log_params, numeric_metrics
     from workloads.data import PairedDataset
     from workloads.inference import restore
-    from workloads.metrics import PROTOCOL_VERSION
     from workloads.tasks import get_task
 
+    data = Path(data)
+    if benchmark is not None:
+        from workloads.benchmarks import check_benchmark
+
+        check = check_benchmark(data, benchmark)
+        if task_name is not None and task_name != check.benchmark.task:
+            raise ValueError(f"--task {task_name} does not match {benchmark}, a {check.benchmark.task} benchmark: drop --task")
+        if check.problems:
+            raise ValueError(f"{data} does not match the benchmark {benchmark}: " + "; ".join(check.problems)
+                             + f" (`restorch data benchmarks {benchmark}` shows the entry)")
+        task_name, data_name, digest = check.benchmark.task, benchmark, check.digest
+    elif task_name is None:
+        raise ValueError("give --task TASK (the metric protocol) or --benchmark NAME (a catalogued test set names its task)")
+    else:
+        data_name, digest = data.name, folder_digest(data)
     task = get_task(task_name, sigma=sigma)
     dataset = PairedDataset(data, task)
     network, version = load_network(reference, uri)
@@ -406,30 +496,47 @@ def evaluate_version(reference: str, data: Path, task_name: str, *, sigma: float
         output = restore(network, item["input"][None], multiple=multiple)[0]
         per_image[item["name"]] = task.protocol.measure(output.numpy().transpose(1, 2, 0),
                                                         item["target"].numpy().transpose(1, 2, 0))
-    record = {"task": task.name, "model": f"models:/{version.name}/{version.version}", "data": str(data),
+    model_uri = f"models:/{version.name}/{version.version}"
+    record = {"task": task.name, "model": model_uri, "data": str(data), "benchmark": benchmark, "digest": digest,
               **task.protocol.report(per_image)}
+    protocol = f"v{record['protocol']['version']}: {record['protocol']['description']}"
 
     resolved = resolve_uri(uri)
     client = client_for(resolved)
     source = client.get_run(version.run_id)
-    run = client.create_run(get_or_create_experiment(client, EVALUATION_EXPERIMENT, resolved),
-                            run_name=f"eval-{version.name}-v{version.version}-{data.name}", tags={
-        MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: record["model"],
-        DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),
-        PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
-    })
-    run_id = run.info.run_id
+    tags = {MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: model_uri,
+            DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),
+            PROTOCOL_VERSION_TAG: str(record["protocol"]["version"]), **({BENCHMARK_SET_TAG: benchmark} if benchmark else {})}
+    run_id = client.create_run(get_or_create_experiment(client, EVALUATION_EXPERIMENT, resolved),
+                               run_name=f"eval-{version.name}-v{version.version}-{data_name}", tags=tags).info.run_id
+    log_record(client, run_id, datasets={data_name: digest}, dtype=str(next(network.parameters()).dtype).removeprefix("torch."),
+               checkpoint=f"registered version {model_uri}")
+    _log_dataset_input(client, run_id, data_name, digest, data, protocol)
     # what the numbers are of: the evaluated model's options and size, as its training run logged them
     log_params(client, run_id, {k: v for k, v in source.data.params.items() if k.startswith(MODEL_PREFIX)})
     sizes = {key: source.data.metrics[key] for key in (PARAMS_M, CONV_GMACS) if key in source.data.metrics}
     client.log_batch(run_id, metrics=numeric_metrics({**sizes, **record["mean"]}, 0))
     client.log_dict(run_id, record, EVALUATION_ARTIFACT)
     client.set_terminated(run_id)
-    prefix = f"{EVALUATION_PREFIX}{data.name}"
+    prefix = f"{EVALUATION_PREFIX}{data_name}"
     evaluation = {**{f"{prefix}.{name}": f"{value:.4f}" for name, value in record["mean"].items()},
-                  f"{prefix}.run_id": run_id, f"{prefix}.data": str(data),
-                  f"{prefix}.protocol": f"v{PROTOCOL_VERSION}: {task.protocol.describe()}"}
+                  f"{prefix}.run_id": run_id, f"{prefix}.data": str(data), f"{prefix}.protocol": protocol,
+                  f"{prefix}.digest": digest, **({f"{prefix}.benchmark": benchmark} if benchmark else {})}
     for key, value in evaluation.items():
         client.set_model_version_tag(version.name, str(version.version), key, value)
     _write_card(client, client.get_model_version(version.name, str(version.version)), resolved)
     return record, run_id
+
+
+def _log_dataset_input(client: MlflowClient, run_id: str, name: str, digest: str, folder: Path, protocol: str) -> None:
+    """The evaluated data as an MLflow dataset input of the run: its name (the benchmark's, or the folder's),
+    digest (MLflow keeps 36 characters; the whole one is in the run's record tags) and source folder,
+    tagged with the metric protocol."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(folder.resolve())), name=name, digest=digest[:36])
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                            tags=[InputTag("mlflow.data.context", "evaluation"),
+                                                  InputTag("restorch.protocol", protocol)])])

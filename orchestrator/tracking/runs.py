@@ -38,14 +38,8 @@ to a worker-local `mlruns/`).
 """
 from __future__ import annotations
 
-import getpass
-import importlib.metadata
-import platform
-import socket
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -55,14 +49,13 @@ from ray.tune import Callback
 from ray.tune.utils import flatten_dict
 
 from orchestrator.spec.schema import ExperimentSpec
-from orchestrator.tracking.keys import (ATTEMPT_TAG, BEST_PREFIX, EXPLOIT_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, HOST_TAG,
-                                        ITERATION, JOB_TAG, PARENT_TAG, PLATFORM_TAG, REPLACED_BY_TAG, REPLACES_TAG,
-                                        SEARCH_PREFIX, SPACE_PREFIX, SPEC_ARTIFACT, STOPPED_AT_TAG, STOPPED_BY_TAG,
-                                        SWEEP_TAG, TRIAL_TAG, TRIALS_PARAM, USER_TAG, VERSION_PREFIX)
+from orchestrator.tracking.keys import (ATTEMPT_TAG, BEST_PREFIX, EXPLOIT_TAG, ITERATION, JOB_TAG, PARENT_TAG,
+                                        REPLACED_BY_TAG, REPLACES_TAG, SEARCH_PREFIX, SPACE_PREFIX, SPEC_ARTIFACT,
+                                        STOPPED_AT_TAG, STOPPED_BY_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_PARAM)
+from orchestrator.tracking.record import dataset_digests, log_record, resources_tags
 from orchestrator.tracking.store import (child_runs, experiment_id, get_or_create_experiment, latest_run, resolve_uri,
                                          sqlite_file)
 
-VERSIONED_PACKAGES = ("restorch", "torch", "ray", "deepspeed", "mlflow", "optuna")
 _BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch
 _METRIC_BATCH = 1000
 
@@ -90,30 +83,14 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 # the sweep driver
 
 
-def _environment_tags() -> dict[str, str]:
-    tags = {f"{VERSION_PREFIX}{name}": _version(name) for name in VERSIONED_PACKAGES}
-    tags.update({HOST_TAG: socket.gethostname(), PLATFORM_TAG: platform.platform(), USER_TAG: getpass.getuser()})
-    source = Path(__file__).resolve().parents[1]
-    commit = _git(source, "rev-parse", "HEAD")
-    if commit:
-        tags[GIT_COMMIT_TAG] = commit
-        tags[GIT_DIRTY_TAG] = str(bool(_git(source, "status", "--porcelain")))
-    return tags
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git(folder: Path, *args: str) -> str:
-    try:
-        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+def _log_spec_record(client: MlflowClient, run_id: str, spec: ExperimentSpec) -> None:
+    """The spec as run (an artifact) and the reproducibility record of a sweep's or a job's run: the
+    resources and precision as the spec asks (the workers log the machine they ran on: MACHINE_TAG)."""
+    client.log_text(run_id, yaml.safe_dump(spec.as_written(), sort_keys=False), SPEC_ARTIFACT)
+    resources = spec.resources
+    device = resources_tags(resources.use_gpu, resources.num_workers, resources.cpus_per_worker, resources.gpus_per_worker)
+    log_record(client, run_id, seed=spec.train.seed, datasets=dataset_digests(spec.data.folders(), spec.data.digests),
+               dtype=spec.deepspeed.precision, device=device)
 
 
 def open_sweep_run(spec: ExperimentSpec, sweep_path: str, *, resume: bool) -> dict[str, str]:
@@ -126,9 +103,8 @@ def open_sweep_run(spec: ExperimentSpec, sweep_path: str, *, resume: bool) -> di
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")
         return {"uri": uri, "experiment_id": experiment, "parent_run_id": run.info.run_id}
-    run = client.create_run(experiment, run_name=spec.name, tags={SWEEP_TAG: sweep_path, **_environment_tags()})
-    run_id = run.info.run_id
-    client.log_text(run_id, yaml.safe_dump(spec.as_written(), sort_keys=False), SPEC_ARTIFACT)
+    run_id = client.create_run(experiment, run_name=spec.name, tags={SWEEP_TAG: sweep_path}).info.run_id
+    _log_spec_record(client, run_id, spec)
     searched = {f"{SPACE_PREFIX}{d.key}": f"{d.kind} {d.values}" for d in spec.search_space}
     settings = {f"{SEARCH_PREFIX}{key}": value for key, value in flatten(spec.config()["search"]).items()}
     log_params(client, run_id, {**searched, **settings, TRIALS_PARAM: spec.trial_count()})
@@ -214,6 +190,7 @@ def open_trial_run(tracking: dict[str, Any], trial_id: str, name: str) -> tuple[
     if run is None:
         run = client.create_run(tracking["experiment_id"], run_name=name,
                                 tags={PARENT_TAG: tracking["parent_run_id"], TRIAL_TAG: trial_id})
+        log_record(client, run.info.run_id, device={})  # the trial's resources and data: the sweep run's record
     elif run.info.status == "FINISHED":
         return run.info.run_id, dict(run.data.metrics)
     else:
@@ -248,8 +225,8 @@ def open_job_run(spec: ExperimentSpec, location: str) -> dict[str, str]:
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")
         return {"uri": uri, "run_id": run.info.run_id}
-    run = client.create_run(experiment, run_name=spec.name, tags={JOB_TAG: location, **_environment_tags()})
-    client.log_text(run.info.run_id, yaml.safe_dump(spec.as_written(), sort_keys=False), SPEC_ARTIFACT)
+    run = client.create_run(experiment, run_name=spec.name, tags={JOB_TAG: location})
+    _log_spec_record(client, run.info.run_id, spec)
     return {"uri": uri, "run_id": run.info.run_id}
 
 
