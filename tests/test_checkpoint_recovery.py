@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_RESTORMER
+from faults import crash
 from orchestrator.spec.load import parse_spec
 from workloads.session import LocalSession
 
@@ -71,7 +72,7 @@ def test_a_job_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(de
     ray.shutdown()
     try:
         with pytest.raises(TrainingFailedError):
-            run_job(spec, fault={"rank": 0, "at_iteration": 5, "marker": str(tmp_path / "fault")})
+            run_job(spec, test_hook=crash(0, 5, tmp_path / "fault"))
         damaged = tmp_path / "runs" / "damaged" / "checkpoint_0000004" / "state" / "mp_rank_00_model_states.pt"
         truncate(damaged)
 

@@ -156,20 +156,19 @@ def test_training_loader_batches_equal_the_uncached_serial_ones(tmp_path: Path) 
     schedule = PatchSchedule((16, 24), (3, 2), (2, 2))
     direct = PairedDataset(root, DERAIN, patch_size=24)
     cached = PairedDataset(root, DERAIN, patch_size=24, cache=tmp_path / "cache")
-    config = {"data": {"num_workers": 2}}
     serial = list(training_loader(direct, PatchBatchSampler(len(direct), schedule, total_iterations=4, seed=1),
-                                  {"data": {"num_workers": 0}}, torch.device("cpu")))
+                                  0, torch.device("cpu")))
     for start in (0, 2):  # a resumed run gets the batches from there on
         sampler = PatchBatchSampler(len(cached), schedule, total_iterations=4, seed=1, start_iteration=start)
-        batches = list(training_loader(cached, sampler, config, torch.device("cpu")))
+        batches = list(training_loader(cached, sampler, 2, torch.device("cpu")))
         assert len(batches) == 4 - start
         for a, b in zip(serial[start:], batches):
             torch.testing.assert_close(a["input"], b["input"], rtol=0, atol=0)
             torch.testing.assert_close(a["target"], b["target"], rtol=0, atol=0)
-    assert loader_workers({"data": {}, "resources": {"cpus_per_worker": 1}}) == 1
-    assert loader_workers({"data": {}, "resources": {"cpus_per_worker": 6}}) == 5
-    assert loader_workers({"data": {}, "resources": {"cpus_per_worker": 32}}) == 8
-    assert loader_workers({"data": {"num_workers": 0}, "resources": {"cpus_per_worker": 6}}) == 0
+    assert loader_workers(None, cpus_per_worker=1) == 1
+    assert loader_workers(None, cpus_per_worker=6) == 5
+    assert loader_workers(None, cpus_per_worker=32) == 8
+    assert loader_workers(0, cpus_per_worker=6) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,17 +210,16 @@ def test_job_datasets_from_s3_pinned_when_the_run_starts(s3, s3_endpoint, tmp_pa
     pinned = data.resolved(s3_endpoint)
     assert set(pinned.digests) == {f"s3://{BUCKET}/rain/train", f"s3://{BUCKET}/rain/val"}
     assert pinned.train == data.train and pinned.val["B"] == str(tmp_path / "rain/val")
-    config = {"data": {**pinned.model_dump(), "cache_dir": str(tmp_path / "cache")}, "train": {"seed": 0},
-              "storage": {"endpoint_url": s3_endpoint}}
-    train_set, val_sets = load_datasets(config, DERAIN, patch_size=16)
+    on_node = pinned.model_copy(update={"cache_dir": str(tmp_path / "cache")})  # read like a job config's data
+    train_set, val_sets = load_datasets(on_node, DERAIN, seed=0, endpoint_url=s3_endpoint, patch_size=16)
     assert len(train_set) == 5 and len(val_sets["A"]) == len(val_sets["B"]) == 1
     _same_items(val_sets["A"], val_sets["B"], [0])
     assert pinned.resolved(s3_endpoint).digests == pinned.digests  # pinned once, not again (a sweep's trials)
 
     s3.delete_object(Bucket=BUCKET, Key="rain/train/input/0000.png")  # the dataset changes mid-run
-    config["data"]["cache_dir"] = str(tmp_path / "another-node")
+    on_node = pinned.model_copy(update={"cache_dir": str(tmp_path / "another-node")})
     with pytest.raises(DatasetChanged, match=f"s3://{BUCKET}/rain/train changed since this run started"):
-        load_datasets(config, DERAIN, patch_size=16)
+        load_datasets(on_node, DERAIN, seed=0, endpoint_url=s3_endpoint, patch_size=16)
 
 
 def test_unreachable_bucket_or_prefix_is_refused_before_anything_runs(s3, s3_endpoint, tmp_path: Path, capsys) -> None:

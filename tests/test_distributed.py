@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_RESTORMER
 from test_train import GROWING_BATCH, make_spec
+from workloads.job_config import JobConfig
 from workloads.session import LocalSession
 
 GROUP_TIMEOUT_S = 60
@@ -72,10 +73,10 @@ def _loop_reductions(rank: int, world_size: int, device: str, val_folder: str, o
 
 def job_backend(tmp_path: Path, derain_data: Path) -> str:
     """The process-group backend Ray Train gives a 2-worker GPU job (orchestrator/jobs.make_trainer)."""
-    from orchestrator.run.jobs import make_trainer
+    from orchestrator.run.jobs import job_config, make_trainer
 
     spec = make_spec(derain_data, tmp_path, resources={"num_workers": 2, "use_gpu": True})
-    return make_trainer(spec, {}, name="gpu-job", storage=str(tmp_path)).backend_config.backend
+    return make_trainer(spec, job_config(spec, "gpu-job", str(tmp_path))).backend_config.backend
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -130,6 +131,7 @@ def _final_checkpoints(rank: int, world_size: int, out: str, cases: list[tuple[i
 
     from models import build_model
     from workloads.deepspeed_ops import prepare_cpu_comm_op
+    from workloads.job_config import DeepSpeedConfig
     from workloads.train import CHECKPOINT_TAG, CONSOLIDATED_MODEL, deepspeed_config, load_consolidated, report_checkpoint
 
     prepare_cpu_comm_op()
@@ -137,10 +139,9 @@ def _final_checkpoints(rank: int, world_size: int, out: str, cases: list[tuple[i
         case = f"ZeRO-{stage} {precision}, {world_size} worker(s)"
         torch.manual_seed(0)
         model = build_model(TINY_RESTORMER)
-        config = {"model": TINY_RESTORMER, "train": {"grad_clip": 1.0},
-                  "deepspeed": {"zero_stage": stage, "precision": precision}}
+        config = deepspeed_config(DeepSpeedConfig(stage, precision), micro_batch=2, grad_clip=1.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                          config=deepspeed_config(config, 2), dist_init_required=False)
+                                          config=config, dist_init_required=False)
         generator, dtype = torch.Generator().manual_seed(rank), next(engine.module.parameters()).dtype
         for _ in range(2):
             inputs, targets = (torch.rand(2, 3, 16, 16, generator=generator).to(engine.device, dtype) for _ in range(2))
@@ -148,7 +149,7 @@ def _final_checkpoints(rank: int, world_size: int, out: str, cases: list[tuple[i
             engine.step()
         directory = Path(out) / f"zero{stage}-{precision}"
         session = ReportBarrierSession(directory, rank, world_size)
-        report_checkpoint(engine, session, {"iteration": 2}, config, final=True)
+        report_checkpoint(engine, session, {"iteration": 2}, TINY_RESTORMER, str(directory), final=True)
         if rank != 0:
             continue
         checkpoint = session.checkpoints[-1]
@@ -183,7 +184,7 @@ def test_final_checkpoint_model_pt_for_every_zero_stage_and_precision(world_size
     run_ranks(_final_checkpoints, str(tmp_path), cases, world_size=world_size)
 
 
-def _train(rank: int, world_size: int, config: dict[str, Any], out: str) -> None:
+def _train(rank: int, world_size: int, config: JobConfig, out: str) -> None:
     from workloads.train import run_training
 
     session = LocalSession(Path(out) / f"rank{rank}", rank=rank, world_size=world_size)

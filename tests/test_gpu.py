@@ -21,13 +21,14 @@ def _bf16_steps(rank: int, world_size: int, out: str) -> None:
 
     from models import build_model
     from orchestrator.run.benchmarks import bench_train
+    from workloads.job_config import DeepSpeedConfig
     from workloads.train import deepspeed_config
 
     torch.cuda.set_device(rank)
-    job = {"train": {"grad_clip": 1.0}, "deepspeed": {"zero_stage": 2, "precision": "auto"}}
     torch.manual_seed(0)
     model = build_model(TINY_RESTORMER)
-    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(job, 2), dist_init_required=False,
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=2, precision="auto"), micro_batch=2, grad_clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False,
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))
     before = [p.detach().float().clone() for p in engine.module.parameters()]
     image = torch.rand(2, 3, 64, 64, device=engine.device)

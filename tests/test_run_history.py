@@ -5,19 +5,19 @@ read them."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 
 import pytest
 import yaml
 from conftest import sweep_runs, tiny_spec
+from faults import crash_env
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from servers import BIN
 
 from orchestrator.tracking import model_registry
-from orchestrator.run.jobs import FAULT_ENV
+from orchestrator.run.jobs import TEST_HOOK_ENV
 from orchestrator.tracking.keys import ATTEMPT_TAG, REPLACED_BY_TAG, REPLACES_TAG
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_a_trial_whose_worker_crashed_logs_each_step_once(derain_data, tmp_path)
     marker = tmp_path / "crashed"
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     # rank 0 fails at iteration 5, once: iterations 1-4 are logged, the checkpoint at 3 is the last one
-    env[FAULT_ENV] = json.dumps({"rank": 0, "at_iteration": 5, "marker": str(marker)})
+    env[TEST_HOOK_ENV] = crash_env(0, 5, marker)
     done = subprocess.run([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,6 +5,7 @@ group stay out of the pytest process, which also drives Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import torch
 import yaml
 
 from conftest import TINY_RESTORMER
+from faults import crash
 from orchestrator.run.jobs import job_config
 from orchestrator.spec.schema import SpecError
 from orchestrator.spec.load import parse_spec
+from workloads.job_config import JobConfig
 
 
 def spec_data(dataset: Path, storage: Path, name: str = "job", **sections: Any) -> dict[str, Any]:
@@ -41,7 +44,7 @@ def make_spec(dataset: Path, storage: Path, name: str = "job", **sections: Any):
     return parse_spec(spec_data(dataset, storage, name, **sections))
 
 
-def _run_local(config: dict, directory: str, resume_from: str | None) -> tuple[list[dict], list[str]]:
+def _run_local(config: JobConfig, directory: str, resume_from: str | None) -> tuple[list[dict], list[str]]:
     from workloads.session import LocalSession
     from workloads.train import init_local_process_group, run_training
 
@@ -55,7 +58,7 @@ def _run_local(config: dict, directory: str, resume_from: str | None) -> tuple[l
     return session.reports, [str(p) for p in session.checkpoints]
 
 
-def run_local(config: dict, directory: Path, resume_from: Path | None = None) -> tuple[list[dict], list[str]]:
+def run_local(config: JobConfig, directory: Path, resume_from: Path | None = None) -> tuple[list[dict], list[str]]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_run_local, config, str(directory), str(resume_from) if resume_from else None).result()
 
@@ -70,7 +73,7 @@ def test_resume_continues_exactly_and_consolidated_model_matches(derain_data, tm
     full, full_checkpoints = run_local(config, tmp_path / "full")
 
     # Stop right after the checkpoint at iteration 4 (a fault at iteration 5), then resume from it.
-    stopped_config = {**config, "fault": {"rank": 0, "at_iteration": 5, "marker": str(tmp_path / "fault")}}
+    stopped_config = dataclasses.replace(config, test_hook=crash(0, 5, tmp_path / "fault"))
     stopped, stopped_checkpoints = run_local(stopped_config, tmp_path / "stopped")
     assert [r["iteration"] for r in stopped] == [1, 2, 3, 4]
     resumed, _ = run_local(config, tmp_path / "resumed", resume_from=Path(stopped_checkpoints[-1]))
@@ -130,10 +133,35 @@ def test_any_number_of_workers_and_micro_batches_see_the_same_global_batch(derai
             micro = micro_batch(config, workers, iteration)
             assert micro * accumulation * workers == global_batch
             assert all(len(batches[iteration]) == micro * accumulation for batches in ranks)  # the loop's chunks
-        ds = deepspeed_config(config, micro_batch(config, workers))
+        ds = deepspeed_config(config.deepspeed, micro_batch=micro_batch(config, workers),
+                              accumulation=config.train.grad_accumulation, grad_clip=config.train.grad_clip)
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * workers == 4
     assert [len(step) for step in steps[1, 1]] == [4, 4] + [8] * 6  # 8 iterations
     assert all(samples == steps[1, 1] for samples in steps.values())
+
+
+def test_job_config_is_typed_pickles_and_logs_the_spec_params(derain_data, tmp_path):
+    """What the workers get: the spec's sections as typed fields, orchestration-only parts in their own;
+    it survives Ray's pickling, and the run's MLflow params are the spec's sections and the patch schedule."""
+    import pickle
+
+    import cloudpickle
+
+    from orchestrator.run.trial_job import run_params
+    from workloads.job_config import PbtSegment, TrackedRun
+
+    spec = make_spec(derain_data, tmp_path, train={"grad_accumulation": 2})
+    config = job_config(spec, "job", str(tmp_path), tracking=TrackedRun("sqlite:///mlflow.db", "run-id"))
+    assert config.train.grad_accumulation == 2 and config.data.schedule == {"patch_size": 32, "batch_size": 4}
+    assert config.storage.folder == f"{tmp_path}/job" and config.stop_iteration == 8 and config.test_hook is None
+    assert pickle.loads(cloudpickle.dumps(config)) == config
+    params = run_params(config)
+    assert params["train.grad_accumulation"] == 2 and params["train.betas"] == [0.9, 0.999]
+    assert params["data.schedule.patch_size"] == 32 and params["data.train"] == str(derain_data / "train")
+    assert params["model.dim"] == TINY_RESTORMER["dim"] and "storage.path" not in params
+    assert dataclasses.replace(config, segment=PbtSegment(stop_at=4)).stop_iteration == 4
+    with pytest.raises(RuntimeError, match="version 0"):
+        dataclasses.replace(config, version=0).check_version()
 
 
 def test_a_global_batch_that_does_not_split_is_refused(derain_data, tmp_path):
@@ -176,7 +204,7 @@ def test_two_workers_zero2_learn_and_survive_a_crash(derain_data, tmp_path):
                      train={"iterations": 40, "val_every": 10, "checkpoint_every": 10, "log_every": 5},
                      deepspeed={"zero_stage": 2}, resources={"num_workers": 2}, search={"keep_checkpoints": 10},
                      tracking={"uri": store})
-    result, run_id = run_job(spec, fault={"rank": 1, "at_iteration": 15, "marker": str(tmp_path / "fault")})
+    result, run_id = run_job(spec, test_hook=crash(1, 15, tmp_path / "fault"))
 
     assert result.error is None
     assert (tmp_path / "fault").exists()  # the crash happened

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from workloads.decode_cache import DecodedFiles, UnreadableFile
 from workloads.files import DATA_SUFFIXES, array_shape, read_raw, to_float
+from workloads.job_config import DataConfig
 from workloads.node_cache import cache_root
 from workloads.staging import is_uri, stage
 from workloads.tasks import Task
@@ -460,43 +461,37 @@ MAX_LOADER_WORKERS = 8
 PREFETCH_BATCHES = 4  # per loader worker: batches made ahead of the step
 
 
-def local_dataset(location: str, config: dict[str, Any]) -> Path:
-    """The local folder of a dataset of the job config: the folder itself, or a remote dataset
+def local_dataset(location: str, data: DataConfig, endpoint_url: str | None) -> Path:
+    """The local folder of a dataset of the job's `data` section: the folder itself, or a remote dataset
     (s3://...) staged into the node's cache, checked against the digest the job pinned."""
     if not is_uri(location):
         return Path(location)
-    data = config["data"]
-    return stage(location, cache=cache_root(data.get("cache_dir")), endpoint_url=config.get("storage", {}).get("endpoint_url"),
-                 pinned=(data.get("digests") or {}).get(location))
+    return stage(location, cache=cache_root(data.cache_dir), endpoint_url=endpoint_url, pinned=data.digests.get(location))
 
 
-def load_datasets(config: dict[str, Any], task: Task, *, patch_size: int) -> tuple[PairedDataset, PairedDataset | dict[str, PairedDataset]]:
+def load_datasets(data: DataConfig, task: Task, *, seed: int, endpoint_url: str | None,
+                  patch_size: int) -> tuple[PairedDataset, PairedDataset | dict[str, PairedDataset]]:
     """The training set (checked for crops of `patch_size`) and the validation set, or named sets,
-    of a job config, read through the node's cache."""
-    data, seed = config["data"], config["train"]["seed"]
-    cache = cache_root(data.get("cache_dir"))
+    of the job's `data` section, read through the node's cache."""
+    cache = cache_root(data.cache_dir)
 
     def dataset(location: str, **options: Any) -> PairedDataset:
-        return PairedDataset(local_dataset(location, config), task, seed=seed, cache=cache, **options)
+        return PairedDataset(local_dataset(location, data, endpoint_url), task, seed=seed, cache=cache, **options)
 
-    val = data["val"]  # a folder, or named sets {name: folder}
+    val = data.val  # a folder, or named sets {name: folder}
     val_sets = {name: dataset(folder) for name, folder in val.items()} if isinstance(val, dict) else dataset(val)
-    return dataset(data["train"], patch_size=patch_size), val_sets
+    return dataset(data.train, patch_size=patch_size), val_sets
 
 
-def loader_workers(config: dict[str, Any]) -> int:
+def loader_workers(num_workers: int | None, cpus_per_worker: float) -> int:
     """data.num_workers, else one loader process per CPU of the training worker past its own, 1 to 8."""
-    configured = config["data"].get("num_workers")
-    if configured is not None:
-        return configured
-    cpus = config.get("resources", {}).get("cpus_per_worker", 1)
-    return max(1, min(MAX_LOADER_WORKERS, int(cpus) - 1))
+    if num_workers is not None:
+        return num_workers
+    return max(1, min(MAX_LOADER_WORKERS, int(cpus_per_worker) - 1))
 
 
-def training_loader(dataset: PairedDataset, sampler: PatchBatchSampler, config: dict[str, Any],
-                    device: torch.device) -> DataLoader:
-    """The batches of `sampler`, made by loader processes while the step runs; on a GPU they come in
-    page-locked memory, so that a copy with non_blocking=True overlaps the step."""
-    workers = loader_workers(config)
+def training_loader(dataset: PairedDataset, sampler: PatchBatchSampler, workers: int, device: torch.device) -> DataLoader:
+    """The batches of `sampler`, made by `workers` loader processes while the step runs; on a GPU they come
+    in page-locked memory, so that a copy with non_blocking=True overlaps the step."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=PREFETCH_BATCHES if workers else None)

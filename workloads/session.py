@@ -1,7 +1,7 @@
 """Where a training loop runs: inside a Ray Train worker, or in this process (tests, benchmarks).
 
 The loop in workloads/train.py only needs its rank, the checkpoint to resume from, and a way to
-report metrics (with an optional checkpoint directory); both sessions provide exactly that.
+report metrics (with an optional checkpoint directory): a `Session`; both sessions here provide exactly that.
 
 The checkpoint to resume from is the newest intact one: a checkpoint whose files are damaged (a
 torch-saved file that is not a whole zip archive, or whose records fail their CRC check) or cannot be
@@ -15,11 +15,22 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # A checkpoint: where it is (for the log) and how to fetch it into a local folder.
 Candidate = tuple[str, Callable[[str], Any]]
 CHECKPOINT_PREFIX = "checkpoint_"  # workloads/train.py names checkpoints checkpoint_{iteration:07d}
+
+
+class Session(Protocol):
+    """What the loop needs of where it runs (RayTrainSession, LocalSession, orchestrator/run/trial_job.TrackedSession)."""
+    rank: int
+    world_size: int
+
+    def resume_directory(self) -> tempfile.TemporaryDirectory | None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None,
+               checkpoint_name: str | None = None) -> None: ...
 
 
 class RayTrainSession:

@@ -1,9 +1,10 @@
-"""The training recipe each Ray Train worker runs: one plain loop, read it top to bottom.
+"""The training recipe each Ray Train worker runs, read top to bottom: setup_model, setup_data, setup_engine,
+resume, train_loop.
 
-`config` is the job config made by orchestrator/run/jobs.py from an experiment spec (plain data):
-model (registry config), task, data (folders + patch schedule), train (iterations, optimiser,
-schedule, intervals, seed), deepspeed (ZeRO stage, precision), run (where checkpoints are stored;
-for a pbt trial also where this run stops, `stop_at`, and `init_from`, another job's checkpoint to
+`config` is the job's `JobConfig` (workloads/job_config.py), made from an experiment spec by
+orchestrator/run/jobs.py: model (registry config), task, data (folders + patch schedule), train
+(iterations, optimiser, schedule, intervals, seed), deepspeed (ZeRO stage, precision), storage (where
+checkpoints go) and, for a pbt trial, its segment (where this fit stops, and another job's checkpoint to
 start from when the job has none of its own).
 
 Per worker: build the model, wrap it with DeepSpeed (AdamW, Restormer's lr schedule, gradient
@@ -32,134 +33,180 @@ import torch
 import torch.distributed as dist
 
 from models import build_model
-from workloads.data import PairedDataset, PatchBatchSampler, PatchSchedule, load_datasets, training_loader
+from workloads.data import (PairedDataset, PatchBatchSampler, PatchSchedule, load_datasets, loader_workers,
+                            training_loader)
+from workloads.job_config import DeepSpeedConfig, JobConfig, TrainConfig
 from workloads.metrics import mrae, over_sets
 from workloads.schedule import lr_factor
-from workloads.session import LocalSession, RayTrainSession, newest_intact
+from workloads.session import RayTrainSession, Session, newest_intact
 from workloads.tasks import Task, get_task
 
 CHECKPOINT_TAG = "state"
 CONSOLIDATED_MODEL = "model.pt"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(config: JobConfig) -> dict[str, Any]:
     """Entry point of a Ray Train worker."""
     return run_training(config, RayTrainSession())
 
 
-def run_training(config: dict[str, Any], session: RayTrainSession | LocalSession) -> dict[str, Any]:
+def run_training(config: JobConfig, session: Session) -> dict[str, Any]:
+    """The recipe; returns the last validation's metrics."""
+    task = get_task(config.task.name, sigma=config.task.sigma)
+    model = setup_model(config)
+    data = setup_data(config, task)
+    engine = setup_engine(config, model, session.world_size)
+    start = resume(engine, config, session)
+    return train_loop(engine, data, task, config, session, start)
+
+
+def setup_model(config: JobConfig) -> torch.nn.Module:
+    """The model, with the same initial weights on every rank (each rank's data differs: the sampler's)."""
+    seed_everything(config.train.seed)
+    return build_model(config.model)
+
+
+@dataclasses.dataclass
+class Data:
+    schedule: PatchSchedule  # patch size and global batch by iteration
+    train_set: PairedDataset
+    val_sets: PairedDataset | dict[str, PairedDataset]
+
+
+def setup_data(config: JobConfig, task: Task) -> Data:
+    """The patch schedule and the datasets, staged and decoded once per node."""
+    schedule = PatchSchedule.from_config(config.data.schedule)
+    train_set, val_sets = load_datasets(config.data, task, seed=config.train.seed,
+                                        endpoint_url=config.storage.endpoint_url, patch_size=schedule.max_patch_size)
+    return Data(schedule, train_set, val_sets)
+
+
+def setup_engine(config: JobConfig, model: torch.nn.Module, world_size: int) -> Any:
+    """The DeepSpeed engine: AdamW, Restormer's lr schedule, gradient clipping, ZeRO."""
     import deepspeed  # imported in the worker: importing it in the Ray driver breaks Ray
 
     from workloads.deepspeed_ops import prepare_cpu_comm_op
 
-    train, data = config["train"], config["data"]
-    task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
-    rank, world_size, accumulation = session.rank, session.world_size, train["grad_accumulation"]
-
-    # Same initial weights on every rank; different (disjoint) data per rank comes from the sampler.
-    seed_everything(train["seed"])
-    model = build_model(config["model"])
-    schedule = PatchSchedule.from_config(data["schedule"])  # global batches
-    train_set, val_sets = load_datasets(config, task, patch_size=schedule.max_patch_size)  # staged, decoded once per node
-
+    train = config.train
     prepare_cpu_comm_op()
     # fused: one pass, no temporaries. ZeRO steps the optimizer on one flat copy of all the parameters, where
     # the unfused AdamW allocates full-size temporaries: its step took 1.5x the fused one (CSA-Restormer, CPU).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas),
+                                  weight_decay=train.weight_decay, fused=True)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=train["lr"], betas=tuple(train["betas"]),
-                                    weight_decay=train["weight_decay"], fused=True),
+        optimizer=optimizer,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
-            i, total=train["iterations"], base_lr=train["lr"], min_lr=train["min_lr"],
-            warmup=train["warmup_iterations"], constant=train["constant_iterations"])),
-        config=deepspeed_config(config, micro_batch(config, world_size)),
+            i, total=train.iterations, base_lr=train.lr, min_lr=train.min_lr,
+            warmup=train.warmup_iterations, constant=train.constant_iterations)),
+        config=deepspeed_config(config.deepspeed, micro_batch=micro_batch(config, world_size),
+                                accumulation=train.grad_accumulation, grad_clip=train.grad_clip),
         dist_init_required=False,
     )
+    return engine
+
+
+def resume(engine: Any, config: JobConfig, session: Session) -> int:
+    """Load the newest intact checkpoint Ray Train hands over or, in a pbt trial's new job, the one of the
+    trial it continues (`segment.init_from`), with the job's own lr and weight decay; returns the iteration
+    it was written at (0: a fresh start)."""
+    directory = session.resume_directory()
+    donor = config.segment.init_from if config.segment else None
+    if directory is None and donor is not None:
+        directory = newest_intact([(donor.path, donor.to_directory)], session.rank)
+    if directory is None:
+        return 0
+    with directory as folder:
+        _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        restore_rng(Path(folder) / f"rng_rank{session.rank}.pt")
+    set_hyperparameters(engine, config.train.lr, config.train.weight_decay)
+    return client_state["iteration"]
+
+
+class Window:
+    """Images and iterations since the last report, and when it was."""
+
+    def __init__(self) -> None:
+        self.images, self.iterations, self.started = 0, 0, time.perf_counter()
+
+
+def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: Session, start: int) -> dict[str, Any]:
+    """The loop, from iteration `start` to `config.stop_iteration`: reports at `reports_at` steps, validates
+    every val_every and checkpoints every checkpoint_every iterations (and at the end); returns the last
+    validation's metrics. A test hook (`config.test_hook`) runs before each iteration."""
+    train, rank, world_size = config.train, session.rank, session.world_size
+    hook = config.test_hook.load() if config.test_hook else None
+    sampler = training_sampler(config, len(data.train_set), start, rank, world_size)
+    workers = loader_workers(config.data.num_workers, config.resources.cpus_per_worker)
+    loader = training_loader(data.train_set, sampler, workers, engine.device)
     dtype = next(engine.module.parameters()).dtype
-
-    start = 0
-    resume = session.resume_directory()
-    donor = config.get("run", {}).get("init_from")
-    if resume is None and donor is not None:  # a pbt trial's new job: the state of the trial it continues
-        resume = newest_intact([(donor.path, donor.to_directory)], rank)
-    if resume is not None:
-        with resume as directory:
-            _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-            start = client_state["iteration"]
-            restore_rng(Path(directory) / f"rng_rank{rank}.pt")
-        set_hyperparameters(engine, train["lr"], train["weight_decay"])
-
-    sampler = training_sampler(config, len(train_set), start, rank, world_size)
-    loader = training_loader(train_set, sampler, config, engine.device)
-    fault = config.get("fault")
-
-    window_images, window_iterations, window_start, result = 0, 0, time.perf_counter(), {}
+    window, result = Window(), {}
     for iteration, batch in enumerate(loader, start=start):
         step = iteration + 1
-        if fault and fault["rank"] == rank and step == fault["at_iteration"] and not Path(fault["marker"]).exists():
-            Path(fault["marker"]).touch()  # fail once: the restarted worker must get past this point
-            raise RuntimeError(f"injected fault in worker {rank} at iteration {step}")
-
+        if hook is not None:
+            hook(step=step, rank=rank)
         lr = engine.get_lr()[0]
         inputs, targets = (batch[key].to(engine.device, dtype, non_blocking=True) for key in ("input", "target"))
-        losses = []
-        for micro_inputs, micro_targets in zip(inputs.chunk(accumulation), targets.chunk(accumulation)):
-            losses.append(task_loss(task, engine(micro_inputs).float(), micro_targets.float()))
-            engine.backward(losses[-1])  # scaled by 1/accumulation
-            engine.step()  # the optimizer steps after the last micro-batch
-        loss = torch.stack(losses).mean()
-        window_images += inputs.shape[0]
-        window_iterations += 1
-
-        # Report every log_every iterations, at validations and checkpoints, and after the first
-        # iteration: progress (and the sweep's start-up benchmark) sees at once that training runs.
-        if (step % train["log_every"] and step % train["val_every"] and step % train["checkpoint_every"]
-                and step not in (start + 1, train["iterations"])):
+        loss = train_step(engine, task, inputs, targets, train.grad_accumulation)
+        window.images += inputs.shape[0]
+        window.iterations += 1
+        if not reports_at(step, start, train):
             continue
-        elapsed = time.perf_counter() - window_start
+        elapsed = time.perf_counter() - window.started
         metrics = {
             "iteration": step,
             "resumed_from": start,
             "loss": mean_over_ranks(loss.detach().float(), world_size),
             "lr": lr,
-            "patch_size": schedule.at(iteration)[0],
-            "images_per_s_worker": window_images / elapsed,
-            "images_per_s": window_images * world_size / elapsed,
+            "patch_size": data.schedule.at(iteration)[0],
+            "images_per_s_worker": window.images / elapsed,
+            "images_per_s": window.images * world_size / elapsed,
             "peak_memory_mb": peak_memory_mb(engine.device),
         }
-        if step % train["val_every"] == 0 or step == train["iterations"]:
-            metrics.update(validate_sets(engine.module, val_sets, task, rank, world_size, data.get("max_val_images")))
+        if step % train.val_every == 0 or step == train.iterations:
+            metrics.update(validate_sets(engine.module, data.val_sets, task, rank, world_size, config.data.max_val_images))
             result.update(metrics)
         if rank == 0:
-            print(progress_line(metrics, train["iterations"], elapsed / window_iterations), flush=True)
-        if step % train["checkpoint_every"] == 0 or step == train["iterations"]:
-            report_checkpoint(engine, session, metrics, config, final=step == train["iterations"])
+            print(progress_line(metrics, train.iterations, elapsed / window.iterations), flush=True)
+        if step % train.checkpoint_every == 0 or step == train.iterations:
+            report_checkpoint(engine, session, metrics, config.model, config.storage.folder,
+                              final=step == train.iterations)
         else:
             session.report(metrics)
-        window_images, window_iterations, window_start = 0, 0, time.perf_counter()
+        window = Window()
     return result
 
 
-def stop_iteration(config: dict[str, Any]) -> int:
-    """Where this run of the job stops: train.iterations, or the end of a pbt segment (`run.stop_at`;
-    the lr schedule still spans train.iterations)."""
-    return config.get("run", {}).get("stop_at") or config["train"]["iterations"]
+def train_step(engine: Any, task: Task, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int) -> torch.Tensor:
+    """One optimizer step over this rank's share of the batch, in `accumulation` micro-batches; the mean loss."""
+    losses = []
+    for micro_inputs, micro_targets in zip(inputs.chunk(accumulation), targets.chunk(accumulation)):
+        losses.append(task_loss(task, engine(micro_inputs).float(), micro_targets.float()))
+        engine.backward(losses[-1])  # scaled by 1/accumulation
+        engine.step()  # the optimizer steps after the last micro-batch
+    return torch.stack(losses).mean()
 
 
-def training_sampler(config: dict[str, Any], dataset_size: int, start: int, rank: int,
-                     world_size: int) -> PatchBatchSampler:
+def reports_at(step: int, start: int, train: TrainConfig) -> bool:
+    """Every log_every iterations, at validations and checkpoints, and after the first iteration: progress
+    (and the sweep's start-up benchmark) sees at once that training runs."""
+    return (step % train.log_every == 0 or step % train.val_every == 0 or step % train.checkpoint_every == 0
+            or step in (start + 1, train.iterations))
+
+
+def training_sampler(config: JobConfig, dataset_size: int, start: int, rank: int, world_size: int) -> PatchBatchSampler:
     """This rank's share of each step's global batch (data.batch_size, or the schedule's batch sizes):
     every rank draws the same global batch and keeps its slice, so any number of workers sees the same."""
-    schedule = PatchSchedule.from_config(config["data"]["schedule"])
+    schedule = PatchSchedule.from_config(config.data.schedule)
     shares = dataclasses.replace(schedule, batch_sizes=tuple(batch // world_size for batch in schedule.batch_sizes))
-    return PatchBatchSampler(dataset_size, shares, total_iterations=stop_iteration(config),
-                             seed=config["train"]["seed"], start_iteration=start, rank=rank, world_size=world_size)
+    return PatchBatchSampler(dataset_size, shares, total_iterations=config.stop_iteration,
+                             seed=config.train.seed, start_iteration=start, rank=rank, world_size=world_size)
 
 
-def micro_batch(config: dict[str, Any], world_size: int, iteration: int = 0) -> int:
+def micro_batch(config: JobConfig, world_size: int, iteration: int = 0) -> int:
     """Samples a worker computes at once: the step's global batch over workers x accumulation steps."""
-    batch = PatchSchedule.from_config(config["data"]["schedule"]).at(iteration)[1]
-    return batch // (world_size * config["train"]["grad_accumulation"])
+    batch = PatchSchedule.from_config(config.data.schedule).at(iteration)[1]
+    return batch // (world_size * config.train.grad_accumulation)
 
 
 def set_hyperparameters(engine: Any, lr: float, weight_decay: float) -> None:
@@ -172,17 +219,17 @@ def set_hyperparameters(engine: Any, lr: float, weight_decay: float) -> None:
         group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=weight_decay)
 
 
-def deepspeed_config(config: dict[str, Any], micro_batch: int) -> dict[str, Any]:
+def deepspeed_config(config: DeepSpeedConfig, *, micro_batch: int, grad_clip: float, accumulation: int = 1) -> dict[str, Any]:
     """DeepSpeed's config from the job: micro-batch and accumulation steps, ZeRO stage, precision, clipping
     (optimizer and scheduler passed in). With a progressive schedule `micro_batch` is the first stage's:
     DeepSpeed only counts samples with it."""
-    precision, stage = config["deepspeed"]["precision"], config["deepspeed"]["zero_stage"]
+    precision, stage = config.precision, config.zero_stage
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": config["train"].get("grad_accumulation", 1),
-        "gradient_clipping": config["train"]["grad_clip"],
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": grad_clip,
         # ZeRO-0/1 keep whole gradients until the step: copying each into one contiguous buffer as backward
         # produces it (DeepSpeed's default, against fragmentation when ZeRO-2 partitions them) only adds a
         # copy, a tenth of HINT's backward+step on one CPU worker.
@@ -235,21 +282,20 @@ def validate_sets(model: torch.nn.Module, val_sets: PairedDataset | dict[str, Pa
                       for name, dataset in val_sets.items()})
 
 
-def report_checkpoint(engine: Any, session: RayTrainSession | LocalSession, metrics: dict[str, Any],
-                      config: dict[str, Any], final: bool) -> None:
-    """Every rank writes its part of a DeepSpeed checkpoint and reports it; Ray merges the parts."""
+def report_checkpoint(engine: Any, session: Session, metrics: dict[str, Any], model_config: dict[str, Any],
+                      job_folder: str, final: bool) -> None:
+    """Every rank writes its part of a DeepSpeed checkpoint and reports it; Ray merges the parts into
+    `job_folder`/checkpoint_{iteration}. The final one also holds model.pt (`model_config` rebuilds it)."""
     with tempfile.TemporaryDirectory(prefix="restorch-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"iteration": metrics["iteration"]})
         torch.save(rng_state(), Path(directory) / f"rng_rank{session.rank}.pt")
         if final:
             weights = consolidated_state_dict(engine)  # on every rank: a collective
             if session.rank == 0:
-                torch.save({"model_config": config["model"], "state_dict": weights},
-                           Path(directory) / CONSOLIDATED_MODEL)
+                torch.save({"model_config": model_config, "state_dict": weights}, Path(directory) / CONSOLIDATED_MODEL)
         name = f"checkpoint_{metrics['iteration']:07d}"
-        run = config.get("run", {})
-        location = f"{run['storage_path']}/{run['name']}/{name}" if run else name
-        session.report({**metrics, "checkpoint_path": location}, checkpoint_dir=Path(directory), checkpoint_name=name)
+        session.report({**metrics, "checkpoint_path": f"{job_folder}/{name}"}, checkpoint_dir=Path(directory),
+                       checkpoint_name=name)
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -126,6 +126,7 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
     import deepspeed
 
     from workloads.deepspeed_ops import prepare_cpu_comm_op
+    from workloads.job_config import DeepSpeedConfig
     from workloads.train import deepspeed_config, init_local_process_group
 
     init_local_process_group()
@@ -133,7 +134,7 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
     variants = variants or {"csa-restormer": {"name": "restormer"},
                             "glmha-restormer": {"name": "restormer", "attention": "glmha"}, "hint": {"name": "hint"}}
     target = torch.device(device)
-    job = {"train": {"grad_clip": 0.01}, "deepspeed": {"zero_stage": zero_stage, "precision": "auto"}}
+    grad_clip, engine_config = 0.01, DeepSpeedConfig(zero_stage, "auto")
     image = torch.rand(batch, 3, patch, patch, device=target)
     runners, flops = {}, {}
     for label, config in variants.items():
@@ -144,14 +145,14 @@ def bench_train(patch: int = 128, batch: int = 1, device: str = "cpu", repeats: 
         wrapped = build_model(config)
         engine, *_ = deepspeed.initialize(
             model=wrapped, optimizer=torch.optim.AdamW(wrapped.parameters(), lr=3e-4, weight_decay=1e-4, fused=True),
-            config=deepspeed_config(job, batch), dist_init_required=False)
+            config=deepspeed_config(engine_config, micro_batch=batch, grad_clip=grad_clip), dist_init_required=False)
         dtype = next(engine.module.parameters()).dtype
 
         def plain_step(model: torch.nn.Module = plain, optimizer: torch.optim.Optimizer = optimizer) -> None:
             loss = (model(image) - image).abs().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), job["train"]["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
 
         def deepspeed_step(engine: Any = engine, dtype: torch.dtype = dtype) -> None:
@@ -192,15 +193,15 @@ def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = No
     folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-data-"))
     if spec is not None:
         loaded = load_spec(spec)
-        config = loaded.config()
-        model, task = config["model"], get_task(loaded.task.name, sigma=loaded.task.sigma)
-        root = Path(data) if data else local_dataset(loaded.data.train, config)
+        model, task = loaded.model, get_task(loaded.task.name, sigma=loaded.task.sigma)
+        root = Path(data) if data else local_dataset(loaded.data.train, loaded.data, loaded.storage.endpoint_url)
+        configured = loaded.data.num_workers, loaded.resources.cpus_per_worker
     else:
-        config, model, task = {"data": {}}, {"name": "restormer"}, get_task("deraining")
+        model, task, configured = {"name": "restormer"}, get_task("deraining"), (None, 1)
         root = Path(data) if data else folder / "data" / "train"
         if not data and not root.is_dir():
             write_dataset(folder / "data", task, count=count + 1, size=size, val_fraction=1 / (count + 1))
-    workers = loader_workers(config) if workers is None else workers
+    workers = loader_workers(*configured) if workers is None else workers
     target = torch.device(device)
     cache = folder / "cache"
     shutil.rmtree(cache, ignore_errors=True)  # the cold start must decode
@@ -214,7 +215,7 @@ def bench_data(patch: int = 128, batch: int = 8, *, spec: str | Path | None = No
         """Crops/s from the loader's creation (its processes' start included) to the last batch on the device."""
         sampler = PatchBatchSampler(len(dataset), PatchSchedule((patch,), (batch,), (1,)), total_iterations=batches)
         started = time.perf_counter()
-        for item in training_loader(dataset, sampler, {"data": {"num_workers": processes}}, target):
+        for item in training_loader(dataset, sampler, processes, target):
             for key in ("input", "target"):
                 item[key].to(target, non_blocking=True)
         _synchronize(target)

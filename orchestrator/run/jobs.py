@@ -16,11 +16,14 @@ from typing import Any
 from orchestrator.run.remote import check_for_cluster, check_shared_tracking, forwarded_env
 from orchestrator.spec.schema import ExperimentSpec, SpecError
 from orchestrator.run.timeline import mark
+from workloads.job_config import (DataConfig, DeepSpeedConfig, IterationHook, JobConfig, JobStorage, ResourcesConfig,
+                                  TaskConfig, TrackedRun, TrainConfig)
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
-# Tests: a fault (workloads/train.py: rank, at_iteration, marker) every job config gets, as JSON; it reaches
-# the jobs of sweep trials, which the tests cannot hand one otherwise.
-FAULT_ENV = "RESTORCH_TEST_FAULT"
+# Tests: a hook (workloads/job_config.IterationHook, as JSON) every job config gets; it reaches the jobs of
+# sweep trials, which the tests cannot hand one otherwise.
+TEST_HOOK_ENV = "RESTORCH_TEST_HOOK"
+JOB_CONFIG_KEY = "job"  # the job config in Ray Train's train_loop_config
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 # Ray Train V2 settings of the embedded local Ray (each can be overridden from the environment).
 LOCAL_TRAIN_SETTINGS = {
@@ -36,14 +39,25 @@ LOCAL_TRAIN_SETTINGS = {
 }
 
 
-def job_config(spec: ExperimentSpec, run_name: str, storage_path: str) -> dict[str, Any]:
-    """The plain-data config the workers' training loop reads."""
-    config = pin_paths(spec).config()
-    config["data"]["schedule"] = spec.data.schedule_config()
-    config["run"] = {"name": run_name, "storage_path": storage_path}
-    if os.environ.get(FAULT_ENV):
-        config["fault"] = json.loads(os.environ[FAULT_ENV])
-    return config
+def job_config(spec: ExperimentSpec, job: str, storage_path: str, *, tracking: TrackedRun | None = None,
+               test_hook: IterationHook | None = None) -> JobConfig:
+    """What the job's workers run: the spec's sections (local paths made absolute), the job's name and
+    storage, the MLflow run rank 0 logs to (`tracking`), and a test hook (`test_hook`, else $RESTORCH_TEST_HOOK)."""
+    spec = pin_paths(spec)
+    sections = spec.config()
+    if test_hook is None and os.environ.get(TEST_HOOK_ENV):
+        test_hook = IterationHook(**json.loads(os.environ[TEST_HOOK_ENV]))
+    return JobConfig(
+        model=sections["model"],
+        task=TaskConfig(**sections["task"]),
+        data=DataConfig(**sections["data"], schedule=spec.data.schedule_config()),
+        train=TrainConfig(**sections["train"]),
+        deepspeed=DeepSpeedConfig(**sections["deepspeed"]),
+        resources=ResourcesConfig(**sections["resources"]),
+        storage=JobStorage(storage_path, job, spec.storage.endpoint_url),
+        tracking=tracking,
+        test_hook=test_hook,
+    )
 
 
 def storage_path(spec: ExperimentSpec) -> str:
@@ -163,28 +177,30 @@ def start_local_ray(resources: dict[str, float] | None) -> None:
             os.environ[GCS_PORT_ENV] = previous
 
 
-def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, storage: str,
-                 callbacks: list[Any] | None = None, keep_all_checkpoints: bool = False) -> Any:
-    """The job's TorchTrainer; with `config["trial_run"]` (a tracked job), rank 0 also logs to MLflow.
+def make_trainer(spec: ExperimentSpec, config: JobConfig, *, callbacks: list[Any] | None = None,
+                 keep_all_checkpoints: bool = False) -> Any:
+    """The job's TorchTrainer, named and stored by `config.storage`; in a tracked job (`config.tracking`),
+    rank 0 also logs to MLflow.
     `keep_all_checkpoints`: for pbt trials, whose checkpoints other trials may continue from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workloads.storage import filesystem
 
-    storage_filesystem, fs_path = filesystem(storage, spec.storage.endpoint_url)
+    storage_filesystem, fs_path = filesystem(config.storage.path, spec.storage.endpoint_url)
     resources = spec.resources
     per_worker = worker_resources(spec)
     keep = None if keep_all_checkpoints else spec.search.keep_checkpoints
     return TorchTrainer(
         worker_entry,
-        train_loop_config=config,
+        # Ray Train takes a dict (its run-state export validates one): the job config is its one entry.
+        train_loop_config={JOB_CONFIG_KEY: config},
         # NCCL reduces CUDA tensors only: gloo takes any collective a GPU job makes on CPU tensors.
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=name,
+            name=config.storage.job,
             storage_path=fs_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
@@ -196,13 +212,15 @@ def make_trainer(spec: ExperimentSpec, config: dict[str, Any], *, name: str, sto
     )
 
 
-def worker_entry(config: dict[str, Any]) -> Any:
-    """What each Ray Train worker runs: the training loop, or in a tracked job (`config["trial_run"]`:
-    sweep trials, `restorch train`) the loop with rank 0 logging to the job's MLflow run. Imported here,
-    in the worker: a module-level import would make the processes that only build the trainer (the
-    driver, a sweep's trial actors) import the training recipe and MLflow's tracking client too."""
+def worker_entry(loop_config: dict[str, JobConfig]) -> Any:
+    """What each Ray Train worker runs: the training loop, or in a tracked job (`config.tracking`: sweep
+    trials, `restorch train`) the loop with rank 0 logging to the job's MLflow run. Imported here, in the
+    worker: a module-level import would make the processes that only build the trainer (the driver, a
+    sweep's trial actors) import the training recipe and MLflow's tracking client too."""
     mark("worker_started")
-    if "trial_run" in config:
+    config = loop_config[JOB_CONFIG_KEY]
+    config.check_version()
+    if config.tracking is not None:
         from orchestrator.run.trial_job import tracked_train_loop as train_loop
     else:
         from workloads.train import train_loop_per_worker as train_loop
@@ -211,7 +229,7 @@ def worker_entry(config: dict[str, Any]) -> Any:
 
 
 def run_job(spec: ExperimentSpec, *, address: str | None = None,
-            fault: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+            test_hook: IterationHook | None = None) -> tuple[Any, str | None]:
     """Run (or resume, if a run of the same name exists in storage) one training job, tracked in an MLflow
     run like a sweep trial (the same run when resumed); returns Ray's Result and the run's id. On a cluster
     whose nodes share no tracking store (no MLflow server, e.g. a service that runs train jobs only) the
@@ -222,19 +240,15 @@ def run_job(spec: ExperimentSpec, *, address: str | None = None,
 
     preflight(spec, address, tracked=False)
     storage = storage_path(spec)
-    config = job_config(spec, spec.name, storage)
-    if fault:
-        config["fault"] = fault
     untracked = unshared_tracking(spec, address)
     if untracked:
         print(f"[restorch] this job is not tracked in MLflow: {untracked}", flush=True)
-    else:
-        config["trial_run"] = open_job_run(spec, f"{storage}/{spec.name}")
+    tracking = None if untracked else TrackedRun(**open_job_run(spec, f"{storage}/{spec.name}"))
+    config = job_config(spec, spec.name, storage, tracking=tracking, test_hook=test_hook)
     init_ray(address)
     check_cluster_resources(spec)
-    result = make_trainer(spec, config, name=spec.name, storage=storage).fit()
-    tracking = config.get("trial_run")
-    return result, tracking and live_run_id(MlflowClient(tracking["uri"]), tracking["run_id"])
+    result = make_trainer(spec, config).fit()
+    return result, tracking and live_run_id(MlflowClient(tracking.uri), tracking.run_id)
 
 
 def unshared_tracking(spec: ExperimentSpec, address: str | None) -> str | None:

@@ -17,11 +17,12 @@ would start the next trial while that job still runs (both report under one tria
 
 Population based training (`search.scheduler: pbt`, `run_pbt_trial`): under Ray Train V2 a trial's
 job hands Tune no checkpoint, and PBT only copies trials that have one. So a pbt trial fits its job
-perturbation_interval iterations at a time (`run.stop_at`) and after each fit reports to Tune itself,
-with a Tune checkpoint that is a small file naming the job's last checkpoint. When PBT copies a strong
-trial into a weak one, the weak trial restarts with mutated lr / weight decay and the strong trial's
-file, and starts a new job (`{trial id}-g{n}`) from the strong trial's job checkpoint
-(`run.init_from`). Its jobs keep every checkpoint, since other trials may continue from any of them.
+perturbation_interval iterations at a time (the job config's `segment`) and after each fit reports to
+Tune itself, with a Tune checkpoint that is a small file naming the job's last checkpoint. When PBT
+copies a strong trial into a weak one, the weak trial restarts with mutated lr / weight decay and the
+strong trial's file, and starts a new job (`{trial id}-g{n}`) from the strong trial's job checkpoint
+(the segment's `init_from`). Its jobs keep every checkpoint, since other trials may continue from any
+of them.
 
 Layout in storage: `{storage}/{name}/` is Tune's experiment folder, plus `spec.yaml` (the spec the
 sweep was started with), `jobs/{trial id}/checkpoint_*` (each trial's job; pbt trials may add
@@ -45,7 +46,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from orchestrator.run.timeline import mark
 from orchestrator.tracking.runs import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run)
 from orchestrator.tracking.store import open_store, resolve_uri
 from orchestrator.run.trial_reports import TrialReportCallback, scored_for_tune
+from workloads.job_config import JobConfig, PbtSegment, TrackedRun
 
 TRIAL_RESOURCE = "trial_slot"
 SPEC_FILE, RESULTS_FILE, BEST_SPEC_FILE = "spec.yaml", "results.csv", "best_spec.yaml"
@@ -129,41 +131,39 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
         tune.report({**finished, "done": True})  # done: no scheduler acts on it (pbt would restart it)
         return
-    jobs_path = f"{folder}/{JOBS_DIR}"
-    config = job_config(spec, trial_id, jobs_path)
-    config["trial_run"] = {"uri": tracking["uri"], "run_id": run_id}
+    config = job_config(spec, trial_id, f"{folder}/{JOBS_DIR}", tracking=TrackedRun(tracking["uri"], run_id))
     if spec.search.scheduler == "pbt":
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
     callback = TrialReportCallback(validation_metric, spec.objectives(), trial_id=trial_id,
                                    sweep=filesystem(folder, spec.storage.endpoint_url))
     mark("trial_job_submitted")
-    make_trainer(spec, config, name=trial_id, storage=jobs_path, callbacks=[callback]).fit()
+    make_trainer(spec, config, callbacks=[callback]).fit()
 
 
-def run_pbt_trial(spec: ExperimentSpec, config: dict[str, Any], searched: dict[str, Any], *, trial_id: str,
+def run_pbt_trial(spec: ExperimentSpec, config: JobConfig, searched: dict[str, Any], *, trial_id: str,
                   tracking: dict[str, str]) -> None:
     """A pbt trial: its job runs search.perturbation_interval iterations at a time (one fit each, resumed
     from the job's last checkpoint) and after each the trial reports to Tune with a small checkpoint
     naming that job checkpoint: what PBT hands from a strong trial to a weak one. Restarted with another
     trial's such checkpoint (an exploitation, with `searched` mutated), the trial starts a new job from
     that job checkpoint, with its own lr and weight decay."""
-    run = config["run"]
     pointer = _read_pointer(tune.get_checkpoint()) or {"trial_id": trial_id, "job": trial_id, "iteration": 0}
     done, donor = pointer["iteration"], pointer["trial_id"]
-    run["name"] = pointer["job"]
+    storage, init_from = replace(config.storage, job=pointer["job"]), None
     if donor != trial_id:
-        storage_fs, jobs = filesystem(run["storage_path"], spec.storage.endpoint_url)
-        run.update(name=_new_job_name(storage_fs, jobs, trial_id),
-                   init_from=ray.train.Checkpoint(pointer["path"], filesystem=storage_fs))
+        storage_fs, jobs = filesystem(storage.path, spec.storage.endpoint_url)
+        storage = replace(storage, job=_new_job_name(storage_fs, jobs, trial_id))
+        init_from = ray.train.Checkpoint(pointer["path"], filesystem=storage_fs)
     if donor != trial_id or done == 0:
-        log_pbt_job(tracking, config["trial_run"]["run_id"], job=run["name"], iteration=done, values=searched,
+        log_pbt_job(tracking, config.tracking.run_id, job=storage.job, iteration=done, values=searched,
                     donor=None if donor == trial_id else donor)
     total = spec.train.iterations
     while done < total:
-        run["stop_at"] = done = min(done + spec.search.perturbation_interval, total)
-        result = make_trainer(spec, config, name=run["name"], storage=run["storage_path"], keep_all_checkpoints=True).fit()
-        pointer = {"trial_id": trial_id, "job": run["name"], "iteration": done, "path": result.checkpoint.path}
+        done = min(done + spec.search.perturbation_interval, total)
+        config = replace(config, storage=storage, segment=PbtSegment(stop_at=done, init_from=init_from))
+        result = make_trainer(spec, config, keep_all_checkpoints=True).fit()
+        pointer = {"trial_id": trial_id, "job": storage.job, "iteration": done, "path": result.checkpoint.path}
         with tempfile.TemporaryDirectory(prefix="restorch-pbt-") as folder:
             (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
             tune.report(scored_for_tune({**result.metrics, "done": done >= total},

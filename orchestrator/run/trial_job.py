@@ -1,7 +1,7 @@
 """Rank 0 of a tracked Ray Train job (a sweep trial, or `restorch train`): the training loop, logging to
 the job's MLflow run.
 
-The workers' entry point of every tracked job (orchestrator/jobs.make_trainer). It also computes the
+The workers' entry point of every tracked job (orchestrator/run/jobs.make_trainer). It also computes the
 model's size metrics (params, MACs), so that a trial's Tune actor never has to import torch.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from orchestrator.tracking.runs import flatten, live_run_id, log_params, numeric
 from workloads.metrics import PROTOCOL_VERSION
 from workloads.session import RayTrainSession
 from workloads.tasks import get_task
-from workloads.train import CONSOLIDATED_MODEL, machine_name, run_training, stop_iteration
+from workloads.job_config import JobConfig
+from workloads.train import CONSOLIDATED_MODEL, machine_name, run_training
 
 
 class TrackedSession:
@@ -49,43 +50,41 @@ class TrackedSession:
         self.session.report({**metrics, **self.sizes}, checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name)
 
 
-def run_params(config: dict[str, Any]) -> dict[str, Any]:
+def run_params(config: JobConfig) -> dict[str, Any]:
     """The job config's sections as flat params, the model's with every option it runs with."""
-    sections = {key: config[key] for key in ("model", "task", "data", "train", "deepspeed", "resources")}
-    sections["model"] = full_options(config["model"])
+    sections = config.sections()
+    sections["model"] = full_options(config.model)
     # data.digests maps dataset URIs to digests: a URI is no MLflow param name, so they make one param.
-    data = dict(sections["data"])
-    digests = data.pop("digests", None)
-    sections["data"] = {**data, **({"digests": _digests(digests)} if digests else {})}
+    digests = sections["data"].pop("digests")
+    if digests:
+        sections["data"]["digests"] = _digests(digests)
     return flatten(sections)
 
 
-def result_tags(config: dict[str, Any]) -> dict[str, str]:
+def result_tags(config: JobConfig) -> dict[str, str]:
     """What the run's metrics mean: the task's metric protocol (and its version), the validation data, the
     machine (this one: rank 0's) that the timings are measured on."""
-    task = get_task(config["task"]["name"], sigma=config["task"].get("sigma"))
-    val = config["data"]["val"]
+    task = get_task(config.task.name, sigma=config.task.sigma)
+    val, digests = config.data.val, config.data.digests
     data = ", ".join(f"{name}: {folder}" for name, folder in val.items()) if isinstance(val, dict) else str(val)
-    digests = config["data"].get("digests")
     return {PROTOCOL_TAG: task.protocol.describe(), PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
             DATA_TAG: f"{data}; digests {_digests(digests)}" if digests else data,
-            MACHINE_TAG: machine_name(config["resources"]["use_gpu"])}
+            MACHINE_TAG: machine_name(config.resources.use_gpu)}
 
 
 def _digests(digests: dict[str, str]) -> str:
     return " ".join(f"{uri}={digest}" for uri, digest in digests.items())
 
 
-def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+def tracked_train_loop(config: JobConfig) -> dict[str, Any]:
     """Entry point of a tracked job's Ray Train workers: the training loop, with rank 0 logging to the
-    job's run (`config["trial_run"]`: uri, run_id) and adding the model's size metrics."""
+    job's run (`config.tracking`) and adding the model's size metrics."""
     session = RayTrainSession()
     if session.rank != 0:
         return run_training(config, session)
-    tracking = config["trial_run"]
-    client = MlflowClient(tracking["uri"])
-    run_id = live_run_id(client, tracking["run_id"])
-    sizes = size_metrics(config["model"])
+    client = MlflowClient(config.tracking.uri)
+    run_id = live_run_id(client, config.tracking.run_id)
+    sizes = size_metrics(config.model)
     logged = client.get_run(run_id).data.params
     if not logged:  # the job's first run
         client.log_batch(run_id, metrics=numeric_metrics(sizes, 0),
@@ -99,6 +98,6 @@ def tracked_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         client.set_terminated(tracked.run_id, status="FAILED")
         raise
-    if stop_iteration(config) >= config["train"]["iterations"]:  # else a pbt segment ended: the trial goes on
+    if config.stop_iteration >= config.train.iterations:  # else a pbt segment ended: the trial goes on
         client.set_terminated(tracked.run_id, status="FINISHED")
     return result
