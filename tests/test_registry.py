@@ -20,7 +20,7 @@ from servers import BIN
 
 from orchestrator.tracking import model_registry
 from orchestrator.cli import main
-from orchestrator.tracking.keys import CONV_GMACS, MODEL_ARTIFACT, PARAMS_M
+from orchestrator.tracking.keys import CONV_GMACS, MODEL_ARTIFACT, PARAMS_M, RECORD_ARTIFACTS
 from workloads.files import image_bit_depth, read_image, write_image
 from workloads.train import load_consolidated
 
@@ -168,13 +168,16 @@ def test_evaluation_runs_store_where_the_store_does_and_join_the_card(store, wor
     client = MlflowClient(store.uri)
     run = client.get_run(run_id)
     assert run.info.artifact_uri.startswith((store.folder / "mlartifacts").as_uri())
-    assert [a.path for a in client.list_artifacts(run_id)] == ["evaluation.json"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["evaluation.json", RECORD_ARTIFACTS]
     trained = client.get_run(store.job)
     assert run.data.metrics[PARAMS_M] == trained.data.metrics[PARAMS_M]
     assert run.data.params["model.dim"] == trained.data.params["model.dim"]
     assert run.data.tags["restorch.protocol_version"] == "1" and run.data.tags["restorch.data"] == str(derain_data / "val")
     card = model_registry.get_version(client, model_registry.ModelReference("evaluated", version="1")).description
     assert "## Evaluations" in card and f"- {derain_data / 'val'}: psnr " in card and run_id in card
+    # the trained run's reproducibility record: the seed, data digests and resources its job logged, the checkpoint
+    assert "- seed: 100" in card and "- data digests: data.train listing-1:" in card and "1 worker(s) on cpu" in card
+    assert "- metrics from checkpoint: last, iteration 4" in card
 
     with pytest.raises(model_registry.RegistryError) as refused:
         model_registry.register("nothing", "derain", uri=store.uri)
