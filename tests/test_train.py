@@ -145,7 +145,7 @@ def test_job_config_is_typed_pickles_and_logs_the_spec_params(derain_data, tmp_p
     it survives Ray's pickling, and the run's MLflow params are the spec's sections and the patch schedule."""
     import pickle
 
-    import cloudpickle
+    from ray import cloudpickle
 
     from orchestrator.run.trial_job import run_params
     from workloads.job_config import PbtSegment, TrackedRun
