@@ -29,6 +29,7 @@ def run_check(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProces
         return done, list(csv.DictReader(file))
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: keeps `make test` under 5 minutes
 def test_dry_run_prints_every_row_and_writes_the_csv(tmp_path):
     done, rows = run_check(tmp_path, "--skip-train", "--skip-compile", "--peak-tflops", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

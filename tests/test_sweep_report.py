@@ -152,6 +152,7 @@ def report_files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: keeps `make test` under 5 minutes
 def test_grid_sweep_report_from_mlflow(tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]) -> None:
     """8 trials (2 x 2 x 2 seeds): the trials table (the failed and the stopped trial too), the two-way table
     of the finished ones (mean ± std over seeds), importance with its trial count and warning, the files,
