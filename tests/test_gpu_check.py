@@ -14,6 +14,9 @@ import torch
 
 from models.profile import size_metrics
 
+# Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # a script, not a package

@@ -25,6 +25,9 @@ from workloads.benchmarks import BENCHMARKS, Benchmark, check_benchmark
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
+# Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
+pytestmark = pytest.mark.slow
+
 TINY_SET = Benchmark("TinyRainEval", "deraining", 4, "restormer", "input/ + target/", ("test entry",), size=(32, 32))
 OPTIONS = [f"--set={key}={value}" for key, value in TINY_RESTORMER.items() if key != "name"]
 

@@ -27,6 +27,9 @@ from orchestrator.tracking.runs import open_job_run, open_sweep_run, open_trial_
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 
+# Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
+pytestmark = pytest.mark.slow
+
 
 def spec_for(name: str, data: Path, tmp_path: Path, **sections: object) -> dict:
     return {"name": name, "model": dict(TINY_RESTORMER), "task": "deraining",

@@ -31,6 +31,9 @@ from orchestrator.tracking.keys import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN
 from orchestrator.tracking.runs import log_params, numeric_metrics, open_sweep_run, open_trial_run
 from orchestrator.tracking.store import child_runs
 
+# Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
+pytestmark = pytest.mark.slow
+
 LR = Domain(key="train.lr", kind="loguniform", values=[1e-4, 1e-2])
 ALPHA = Domain(key="model.glmha.alpha", kind="grid", values=[0.2, 0.4, 0.6, 0.8])
 

@@ -16,6 +16,9 @@ from orchestrator.tracking import model_registry, store
 from orchestrator.tracking.keys import ABLATION_TAG, PARENT_TAG, TRIAL_TAG
 from orchestrator.tracking.runs import open_sweep_run, open_trial_run, trial_statuses
 
+# Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
