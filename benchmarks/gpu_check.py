@@ -50,32 +50,17 @@ import yaml
 from models import build_model
 from models.profile import profile_model
 from orchestrator.report.results import format_table, format_value, to_csv
-from orchestrator.run.benchmarks import SWEEP_TRIAL_MODEL, interleaved_times, medians
+from orchestrator.run.benchmarks import SWEEP_TRIAL_MODEL, interleaved_times, medians, peak_bf16_tflops
 from workloads.data import PREFETCH_BATCHES, PairedDataset, PatchBatchSampler, PatchSchedule, loader_workers, training_loader
 from workloads.synth import write_dataset
 from workloads.tasks import get_task
 from workloads.train import load_consolidated, peak_memory_mb, task_loss
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in this order against
-# torch.cuda.get_device_name() (the more specific names first). NVIDIA's datasheets give the sparse
-# figure; the dense one is half of it: H100 SXM 1,979 -> 989, H100 PCIe 1,513 -> 756, H100 NVL
-# 1,671 -> 835 ("NVIDIA H100 Tensor Core GPU" datasheet); H200 SXM 1,979 -> 989, H200 NVL 1,671 -> 835
-# ("NVIDIA H200 Tensor Core GPU" datasheet); GH200 as the H100 SXM ("NVIDIA GH200 Grace Hopper
-# Superchip" datasheet); A100 312 dense ("NVIDIA A100 Tensor Core GPU" datasheet); L40S 733 -> 362,
-# L40 362 -> 181, L4 242 -> 121 (the L40S, L40 and L4 datasheets); B200 4,500 -> 2,250 ("NVIDIA
-# DGX B200" datasheet, per GPU).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.0),
-                    ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
-                    ("L40", 181.0), ("L4", 121.0))
 COLUMNS = ["model", "patch", "batch", "precision", "layout", "compile", "images_s", "step_ms", "mfu", "peak_mem_gb",
            "data_wait", "data_steps", "seconds", "status", "note"]
 CSV_NAME = "gpu_check.csv"
 TRAIN_ROW = "restorch train (Ray Train, DeepSpeed)"
 GRAD_CLIP = 0.01  # Restormer's, as the training recipe
-
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 @dataclass(frozen=True)

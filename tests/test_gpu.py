@@ -52,7 +52,7 @@ def test_bf16_deepspeed_training_step_on_the_gpu_and_its_mfu(tmp_path):
     assert result["changed"] and all(0 < loss < 1 for loss in result["losses"])
     row = result["row"]
     assert row["deepspeed_img_s"] > 0 and row["plain_img_s"] > 0
-    if "mfu" in row:  # a GPU whose peak bf16 FLOP/s restorch knows (orchestrator/benchmarks.PEAK_BF16_TFLOPS)
+    if "mfu" in row:  # a GPU whose peak bf16 FLOP/s restorch knows (orchestrator/run/benchmarks.PEAK_BF16_TFLOPS)
         assert 0 < row["mfu"] < 1
 
 

@@ -36,7 +36,17 @@ from workloads.tasks import get_task
 BASELINE = "restormer"  # CSA-Restormer: every ratio is to it
 BENCHMARK_EXPERIMENT = "restorch-benchmarks"
 # Dense bf16 peak FLOP/s of the GPUs we know, for MFU (or pass --peak-tflops).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in this order against
+# torch.cuda.get_device_name() (the more specific names first). NVIDIA's datasheets give the sparse
+# figure; the dense one is half of it: H100 SXM 1,979 -> 989, H100 PCIe 1,513 -> 756, H100 NVL
+# 1,671 -> 835 ("NVIDIA H100 Tensor Core GPU" datasheet); H200 SXM 1,979 -> 989, H200 NVL 1,671 -> 835
+# ("NVIDIA H200 Tensor Core GPU" datasheet); GH200 as the H100 SXM ("NVIDIA GH200 Grace Hopper
+# Superchip" datasheet); A100 312 dense ("NVIDIA A100 Tensor Core GPU" datasheet); L40S 733 -> 362,
+# L40 362 -> 181, L4 242 -> 121 (the L40S, L40 and L4 datasheets); B200 4,500 -> 2,250 ("NVIDIA
+# DGX B200" datasheet, per GPU).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.0),
+                    ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L40", 181.0), ("L4", 121.0))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -341,8 +351,11 @@ def _first_iteration_time(tracking: dict[str, str]) -> float:
 
 
 def _known_peak() -> float | None:
-    name = torch.cuda.get_device_name()
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return peak_bf16_tflops(torch.cuda.get_device_name())
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def log_benchmark(kind: str, rows: list[dict[str, Any]], settings: dict[str, Any], uri: str | None = None) -> str:
