@@ -34,8 +34,8 @@ def test_catalogue_is_consistent():
         assert entry.sources and all(source.strip() for source in entry.sources), name
         assert entry.layout in {*LAYOUTS, "clean", "sidd_blocks", "dnd"}, name
         assert entry.release, name
-        # linked to the task's protocol object, not a copy of its parameters
-        assert entry.protocol() is TASKS[entry.task].protocol, name
+        # linked to the task's protocol object (or the entry's own), not a copy of its parameters
+        assert entry.protocol() is (entry.metric_protocol or TASKS[entry.task].protocol), name
         assert bool(entry.sigmas) == (TASKS[entry.task].noise_sigma is not None), name
         if not entry.count_confirmed:
             assert any("count" in fact for fact in entry.unconfirmed), f"{name}: an unconfirmed count must say so"

@@ -2,9 +2,11 @@
 numbers are measured on them, each fact with the source it comes from.
 
 An entry links to its task's metric protocol (`workloads.tasks.TASKS[task].protocol`) instead of
-copying it; `metric_notes` says where the authors' evaluation script differs from that protocol (an
-SSIM of another definition, RealBlur's alignment, a server that keeps the ground truth), so that a
-number computed by restorch is compared only with numbers computed the same way. Facts that no
+copying it, unless the benchmark's published numbers need one of their own (`metric_protocol`:
+RealBlur's alignment before metrics); `metric_notes` says how the authors' evaluation script
+measures and where it still differs from the protocol restorch applies (a server that keeps the
+ground truth, float rather than uint8 images), so that a number computed by restorch is compared only
+with numbers computed the same way. Facts that no
 source read for this catalogue confirmed are listed in `unconfirmed`; a count that is not confirmed
 (`count_confirmed=False`) is checked as a warning, not an error.
 
@@ -27,7 +29,10 @@ Sources (read for this catalogue; repository paths at the snapshot fetched on 20
 - [GLMHA] Ilyas et al., GLMHA (shared/seeds/001): NTIRE 2022 ARAD_1K has 1,000 RGB/HSI pairs, 950 train,
   50 validation, 50 test, 482x512, 31 bands 400-700 nm.
 - [MW] MathWorks, "SSIM calculation for RGB images" (MATLAB Answers 2142916): MATLAB's `ssim(A, ref)` on
-  an RGB array treats it as a 3-D volume ('SSS'); it differs from the mean of per-channel SSIMs.
+  an RGB array treats it as a 3-D volume ('SSS'); it differs from the mean of per-channel SSIMs. The
+  Image Processing Toolbox's ssim.m (2013-2014 and 2013-2017 versions, public copies): uint8 converted
+  to double, L 255, an 11x11x11 Gaussian of sigma 1.5 with 'replicate' padding, mean of the full map
+  (restorch's `ssim_definition="matlab"`, workloads/metrics.py).
 - [H] HINT's Desnowing test_snow100k.py and evaluate_Snow100k.py (copies found by content in the public
   code index; their repository was not identified): Snow100K test2000/Snow + test2000/Gt (.jpg), tiled
   inference (256 tiles, 128 overlap), PSNR/SSIM by Restormer's utils.calculate_psnr/calculate_ssim (RGB,
@@ -47,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workloads.metrics import Protocol
+
+REALBLUR_PROTOCOL = Protocol("rgb", alignment="realblur-ecc")
 from workloads.tasks import get_task
 
 DIGEST_VERSION = "content-v1"
@@ -64,9 +71,8 @@ _GT_MEAN = (
     "brightness before metrics) [T HVI-CIDNet README]; restorch does not rescale, so compare with the plain ones"
 )
 _MATLAB_RGB = (
-    "MATLAB built-in psnr and ssim on RGB uint8. PSNR matches restorch's; MATLAB's ssim treats an RGB "
-    "array as a 3-D volume [MW], so the published SSIM is not restorch's per-channel SSIM and is not "
-    "comparable with it"
+    "MATLAB built-in psnr and ssim on RGB uint8; MATLAB's ssim treats an RGB array as one 3-D volume [MW], "
+    "as the task's protocol (rgb-matlab-ssim) does"
 )
 
 
@@ -83,17 +89,19 @@ class Benchmark:
     metric_notes: str = ""  # how the authors' script measures, where it differs from the protocol
     count_confirmed: bool = True
     unconfirmed: tuple[str, ...] = ()
+    metric_protocol: Protocol | None = None  # the published numbers' own, where not the task's
 
     def protocol(self, sigma: float | None = None) -> Protocol:
-        """The task's protocol (for Gaussian denoising at `sigma`, default the task's)."""
-        return get_task(self.task, sigma=sigma).protocol
+        """The entry's protocol, else the task's (for Gaussian denoising at `sigma`, default the task's)."""
+        protocol = get_task(self.task, sigma=sigma).protocol  # also rejects a sigma the task does not take
+        return self.metric_protocol or protocol
 
     def describe(self) -> str:
         lines = [f"{self.name}: {self.task}, {self.count} image(s)"
                  + (f" of {self.size[0]}x{self.size[1]}" if self.size else "")
                  + (f", sigma {'/'.join(f'{s:g}' for s in self.sigmas)}" if self.sigmas else ""),
                  f"  layout: {self.release}",
-                 f"  protocol: {self.protocol().describe()}"]
+                 f"  protocol {self.protocol().name}: {self.protocol().describe()}"]
         if self.metric_notes:
             lines.append(f"  published numbers: {self.metric_notes}")
         lines += [f"  not confirmed: {fact}" for fact in self.unconfirmed]
@@ -130,13 +138,14 @@ def _gaussian(name: str, count: int, folder: str, *, count_in_name: bool = True)
 
 
 def _deblurring(name: str, count: int, folder: str, notes: str, sources: tuple[str, ...], *,
-                count_confirmed: bool = False) -> Benchmark:
+                count_confirmed: bool = False, protocol: Protocol | None = None) -> Benchmark:
     return Benchmark(
         name, "motion_deblurring", count, "restormer",
         f"Datasets/test/{folder}/input + target [R Motion_Deblurring/Datasets/README.md]",
         sources, metric_notes=notes, count_confirmed=count_confirmed,
         unconfirmed=() if count_confirmed else
         (f"the count {count} (as the Restormer paper's dataset section is usually quoted; not re-read)",),
+        metric_protocol=protocol,
     )
 
 
@@ -145,8 +154,9 @@ _REALBLUR = (
     "homography (cv2.findTransformECC on grey images, 100 iterations, eps 0, gaussFiltSize 5), warped with cubic "
     "interpolation and a validity mask; PSNR over the masked pixels (float images, peak 1); SSIM from skimage "
     "(gaussian_weights, use_sample_covariance=False, data_range 1) averaged over the mask, 5 px border dropped "
-    "[RB evaluation_RealBlur_ecc.py; R evaluate_realblur.py]. restorch's protocols do not align: its numbers on "
-    "RealBlur are not comparable with published ones"
+    "[RB evaluation_RealBlur_ecc.py; R evaluate_realblur.py]: restorch's rgb-realblur-ecc protocol "
+    "(workloads/alignment.py). The script pins skimage 0.17.2 and OpenCV 4.2.0; restorch runs the OpenCV it "
+    "installs, whose ECC may converge to a slightly different warp"
 )
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -163,7 +173,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             "40x32x256x256x3 (MATLAB v5) [R Denoising/Datasets/README.md, test_real_denoising_sidd.py]",
             ("[R] Denoising/evaluate_sidd.m, Denoising/test_real_denoising_sidd.py",),
             size=(256, 256),
-            metric_notes="MATLAB psnr/ssim on single images in [0, 1] (not quantised to uint8); " + _MATLAB_RGB,
+            metric_notes=("MATLAB psnr/ssim on single images in [0, 1], not quantised to uint8; MATLAB's ssim treats an "
+                          "RGB array as one 3-D volume [MW] (restorch's rgb-matlab-ssim protocol, on uint8), so the "
+                          "published SSIM is not comparable with the task's per-channel one"),
         ),
         Benchmark(
             "DND", "real_denoising", DND_IMAGES, "dnd",
@@ -185,9 +197,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         _deblurring("HIDE", 2025, "HIDE", _MATLAB_RGB + "; pairs by sorted order [R Motion_Deblurring/evaluate_gopro_hide.m]",
                     ("[R] Motion_Deblurring/evaluate_gopro_hide.m",)),
         _deblurring("RealBlur-J", 980, "RealBlur_J", _REALBLUR,
-                    ("[RB] evaluation_RealBlur_ecc.py", "[R] Motion_Deblurring/evaluate_realblur.py")),
+                    ("[RB] evaluation_RealBlur_ecc.py", "[R] Motion_Deblurring/evaluate_realblur.py"),
+                    protocol=REALBLUR_PROTOCOL),
         _deblurring("RealBlur-R", 980, "RealBlur_R", _REALBLUR,
-                    ("[RB] evaluation_RealBlur_ecc.py", "[R] Motion_Deblurring/evaluate_realblur.py")),
+                    ("[RB] evaluation_RealBlur_ecc.py", "[R] Motion_Deblurring/evaluate_realblur.py"),
+                    protocol=REALBLUR_PROTOCOL),
         Benchmark(
             "LOL-v1", "low_light", 15, "lol_v1", "eval15/low + eval15/high, same file names [T restorers LOL docs]",
             ("[T] LOL: 485 train + 15 test pairs, 400x600 (Wei et al., BMVC 2018, as summarised by the restorers docs)",),

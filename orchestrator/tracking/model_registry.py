@@ -487,6 +487,7 @@ def evaluate_version(reference: str, data: Path, task_name: str | None = None, *
     else:
         data_name, digest = data.name, folder_digest(data)
     task = get_task(task_name, sigma=sigma)
+    metric_protocol = check.benchmark.protocol(sigma) if benchmark is not None else task.protocol  # RealBlur's aligns
     dataset = PairedDataset(data, task)
     network, version = load_network(reference, uri)
     multiple = getattr(network, "size_multiple", 8)
@@ -494,18 +495,18 @@ def evaluate_version(reference: str, data: Path, task_name: str | None = None, *
     for index in range(len(dataset)):
         item = dataset[index]
         output = restore(network, item["input"][None], multiple=multiple)[0]
-        per_image[item["name"]] = task.protocol.measure(output.numpy().transpose(1, 2, 0),
-                                                        item["target"].numpy().transpose(1, 2, 0))
+        per_image[item["name"]] = metric_protocol.measure(output.numpy().transpose(1, 2, 0),
+                                                          item["target"].numpy().transpose(1, 2, 0))
     model_uri = f"models:/{version.name}/{version.version}"
     record = {"task": task.name, "model": model_uri, "data": str(data), "benchmark": benchmark, "digest": digest,
-              **task.protocol.report(per_image)}
+              **metric_protocol.report(per_image)}
     protocol = f"v{record['protocol']['version']}: {record['protocol']['description']}"
 
     resolved = resolve_uri(uri)
     client = client_for(resolved)
     source = client.get_run(version.run_id)
     tags = {MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: str(version.version), MODEL_URI_TAG: model_uri,
-            DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: task.protocol.describe(),
+            DATA_TAG: str(data), TASK_TAG: task.name, PROTOCOL_TAG: metric_protocol.describe(),
             PROTOCOL_VERSION_TAG: str(record["protocol"]["version"]), **({BENCHMARK_SET_TAG: benchmark} if benchmark else {})}
     run_id = client.create_run(get_or_create_experiment(client, EVALUATION_EXPERIMENT, resolved),
                                run_name=f"eval-{version.name}-v{version.version}-{data_name}", tags=tags).info.run_id
