@@ -18,7 +18,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     spec = load_spec(spec_file(args.spec))
     for domain in spec.search_space:
-        print(f"search {domain.key}: {domain.kind} {domain.values}")
+        when = f" (when {domain.parent} is {domain.when!r})" if domain.parent else ""
+        print(f"search {domain.key}: {domain.kind} {domain.values}{when}")
     count = spec.trial_count()
     print(f"{args.spec}: valid; {count} trial(s) ({spec.search.algorithm} search, {spec.search.scheduler} scheduler)")
     if count > spec.search.max_trials:

@@ -59,6 +59,7 @@ from workloads.storage import STORAGE_ERRNOS
 from orchestrator.run.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
 from orchestrator.console import console
 from orchestrator.run.progress import SweepProgress
+from orchestrator.run.search_space import optuna_space, tune_domain, tune_param_space
 from orchestrator.report.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
 from orchestrator.spec.schema import Domain, ExperimentSpec, SpecError
 from orchestrator.spec.load import check_trial_limit, load_spec_text
@@ -117,7 +118,7 @@ def _plain(value: Any) -> Any:
 
 
 def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[str, str], folder: str,
-              validation_metric: str, stopped: dict[str, dict[str, Any]]) -> None:
+              validation_metric: str, stopped: dict[str, dict[str, Any]], space: list[Domain] | None = None) -> None:
     """Tune function trainable: one trial = one Ray Train job with the trial's values. `stopped`: the
     trials the scheduler had stopped before a resume, with their last report (orchestrator/run/sweep_resume.py)."""
     mark("trial_started")
@@ -126,7 +127,7 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     if trial_id in stopped:  # stopped where the interrupted sweep stopped it: report that, run nothing
         tune.report({**stopped[trial_id], "done": True})
         return
-    spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}))
+    spec = ExperimentSpec.model_validate(resolve_trial(base, {key: _plain(v) for key, v in searched.items()}, space))
     run_id, finished = open_trial_run(tracking, trial_id, context.get_trial_name())
     if finished is not None:  # ended before an interrupted sweep could record it: report, don't re-run
         tune.report({**finished, "done": True})  # done: no scheduler acts on it (pbt would restart it)
@@ -190,15 +191,6 @@ def _read_pointer(checkpoint: tune.Checkpoint | None) -> dict[str, Any] | None:
 # the sweep driver
 
 
-def tune_domain(domain: Domain) -> Any:
-    """The Tune search-space object of a spec entry (the kinds are named after Tune's functions)."""
-    if domain.kind == "grid":
-        return tune.grid_search(domain.values)
-    if domain.kind == "choice":
-        return tune.choice(domain.values)
-    return getattr(tune, domain.kind)(*domain.values)  # uniform, loguniform, randint, quniform
-
-
 OPTUNA_SAMPLERS = {"optuna": "TPESampler", "optuna_multi": "TPESampler", "gp": "GPSampler", "cmaes": "CmaEsSampler"}
 
 
@@ -225,9 +217,10 @@ def _search_algorithm(spec: ExperimentSpec) -> Any:
     sampler = getattr(optuna.samplers, OPTUNA_SAMPLERS[search.algorithm])(seed=spec.train.seed)
     if search.algorithm == "optuna_multi":
         objectives = spec.objectives()
-        searcher = OptunaSearch(metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
+        searcher = OptunaSearch(optuna_space(spec), metric=list(objectives), mode=list(objectives.values()),
+                                sampler=sampler)
     else:
-        searcher = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler)
+        searcher = OptunaSearch(optuna_space(spec), metric=search.metric, mode=search.mode, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
@@ -269,7 +262,7 @@ def read_stored_spec(folder: str, endpoint_url: str | None = None) -> Experiment
 def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, validation_metric: str,
                stopped: dict[str, dict[str, Any]]) -> Any:
     trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, folder=folder,
-                                     validation_metric=validation_metric, stopped=stopped)
+                                     validation_metric=validation_metric, stopped=stopped, space=spec.search_space)
     return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})
 
 
@@ -287,8 +280,7 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
                    SweepProgress(spec.searched_keys(), task_metrics, trials=spec.trial_count(),
                                  iterations=spec.train.iterations)],
     )
-    param_space = {domain.key: tune_domain(domain) for domain in spec.search_space}
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=tune_param_space(spec), tune_config=tune_config, run_config=run_config)
 
 
 def _pinned(spec: ExperimentSpec) -> ExperimentSpec:
@@ -446,7 +438,7 @@ def _finish(outcome: SweepOutcome, tracking: dict[str, str]) -> None:
     spec, best = outcome.spec, outcome.rows[0] if outcome.rows else {}
     files = {RESULTS_FILE: to_csv(outcome.rows, outcome.columns)}
     if best.get(spec.search.metric) is not None:
-        best_spec = resolve_trial(spec.config(), {key: best[key] for key in spec.searched_keys()})
+        best_spec = resolve_trial(spec.config(), {key: best[key] for key in spec.searched_keys()}, spec.search_space)
         best_spec["name"] = f"{spec.name}-best"
         if spec.search.scheduler == "pbt":  # one run, with the best trial's last values
             best_spec["search"].update(scheduler="fifo", perturbation_interval=None, hyperparam_mutations=None)

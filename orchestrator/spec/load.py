@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from orchestrator.spec.checks import check_model, validate_sections, validation_metrics
+from orchestrator.spec.conditional import check_conditional_space
 from orchestrator.spec.schema import (
     MAX_CHECKED_MODELS,
     MAX_SEARCH_TRIALS,
@@ -145,6 +146,7 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
         raise SpecError("search_space: unknown key; write search-space entries in place, e.g. model.glmha.alpha: {grid: [0.4, 0.6]}")
     spec = validate_sections(raw)
     spec.search_space = space
+    check_conditional_space(spec)
     _check_search_size(spec)
     if spec.ablation is not None:
         from orchestrator.spec.ablation import (
@@ -162,7 +164,7 @@ def parse_spec(raw: Any, *, source: str = "spec") -> ExperimentSpec:
                         "(the bound on model candidates, each built to check it); search fewer model values")
     check_model(base["model"], "model")
     for assignment in assignments:
-        (key, value), = assignment.items()
+        key, value = list(assignment.items())[-1]  # a conditional option's comes after the values switching it on
         trial = resolve_trial(base, assignment)
         trial.pop("search_space", None)
         if key.startswith("model."):

@@ -13,8 +13,11 @@
 
 Any value under `model`, `train` or `data` may be a search-space entry (`{choice: [...]}`,
 `{grid: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}`,
-`{quniform: [lo, hi, q]}`). `load_spec` separates them into `ExperimentSpec.search_space`
-(dotted keys such as `model.glmha.alpha`) and validates everything, every candidate value included,
+`{quniform: [lo, hi, q]}`). A value of a `choice` or `grid` may carry a sub-space, searched only in the
+trials that take that value: `attention: {choice: [csa, {value: glmha, with: {glmha.alpha: {uniform:
+[0.2, 1.0]}}}]}` (keys in `with` are relative to the section, here `model`). `load_spec` separates them
+into `ExperimentSpec.search_space` (dotted keys such as `model.glmha.alpha`; a sub-space's entries name
+the entry and value that switch them on) and validates everything, every candidate value included,
 before anything runs. Specs are data only, read by `read_spec_yaml` (yaml.SafeLoader with bounds on
 the text's size, its nesting and its aliases' expansion, checked while composing, before any object is
 built) and `load_spec_text` / `load_spec`; search spaces and model sizes are bounded before any model
@@ -332,11 +335,14 @@ class AblationSpec(_Section):
 
 
 class Domain(BaseModel):
-    """One search-space entry: a dotted key and its distribution."""
+    """One search-space entry: a dotted key and its distribution; an entry of a value's sub-space (a
+    conditional option) is searched only when the entry `parent` takes the value `when`."""
 
     key: str
     kind: Literal["choice", "grid", "uniform", "loguniform", "randint", "quniform"]
     values: list[Any]
+    parent: str | None = None
+    when: Any = None
 
     def candidates(self) -> list[Any]:
         """Values to validate the spec with: every listed value, or the range's ends."""
@@ -382,9 +388,17 @@ class ExperimentSpec(_Section):
         return self
 
     def trial_count(self) -> int:
-        """Trials a sweep launches: the product of the grid sizes, times num_samples."""
-        grid = math.prod(len(d.values) for d in self.search_space if d.kind == "grid")
-        return grid * self.search.num_samples
+        """Trials a sweep launches: the product of the grid sizes (an entry with sub-spaces: its branches,
+        `grid_size`), times num_samples."""
+        roots = [domain for domain in self.search_space if domain.parent is None]
+        return grid_size(self.search_space, roots) * self.search.num_samples
+
+    def inline_trials(self) -> bool:
+        """Whether sweep trials train in their Tune trial's process (orchestrator/run/inline_trial.py) rather than in
+        a Ray Train job: `inline`, or `auto` with one worker per trial that no trial changes."""
+        if self.resources.trial_mode == "auto":
+            return self.resources.num_workers == 1 and "resources.num_workers" not in self.searched_keys()
+        return self.resources.trial_mode == "inline"
 
     def objectives(self) -> dict[str, str]:
         """Metric -> max/min of what the search optimises (one metric, or the multi-objective set)."""
@@ -403,8 +417,10 @@ class ExperimentSpec(_Section):
         """The spec as plain data with the search-space entries in place (defaults filled in); an
         ablation's search space is made from its ablation section, so it is not written back."""
         config = self.config()
-        for domain in [] if self.ablation else self.search_space:
-            set_dotted(config, domain.key, {domain.kind: domain.values})
+        space = [] if self.ablation else self.search_space
+        for domain in space:
+            if domain.parent is None:
+                set_dotted(config, domain.key, written(space, domain))
         return config
 
 
@@ -433,12 +449,58 @@ def _check_domain(key: str, kind: str, values: Any) -> Domain:
     return Domain(key=key, kind=kind, values=values)
 
 
+def _is_branch(value: Any) -> bool:
+    """A choice or grid value with a sub-space: {value: V, with: {key: entry, ...}}."""
+    return isinstance(value, Mapping) and set(value) == {"value", "with"}
+
+
+def _branches(section: str, key: str, kind: str, values: list[Any]) -> tuple[list[Any], list[Domain]]:
+    """A choice's or grid's plain values, and the entries of their sub-spaces (keys relative to `section`)."""
+    plain, domains = [], []
+    for item in values:
+        if not _is_branch(item):
+            plain.append(item)
+            continue
+        value, sub = item["value"], item["with"]
+        if kind not in ("choice", "grid"):
+            raise SpecError(f"{key}: only a choice or grid value may carry a sub-space (`with`), not a {kind}")
+        if not isinstance(sub, Mapping) or not sub:
+            raise SpecError(f"{key}: value {value!r}: `with` takes a mapping of search-space entries, e.g. "
+                            "{glmha.alpha: {uniform: [0.2, 1.0]}}")
+        for name in sub:
+            if str(name).split(".")[0] == section:
+                raise SpecError(f"{key}: value {value!r}: the keys in `with` are relative to the section {section}; "
+                                f"write {str(name).split('.', 1)[-1]}, not {name}")
+        fixed = next(_plain_leaves(sub, section), None)
+        if fixed is not None:
+            raise SpecError(f"{fixed}: a sub-space (`with` of {key}: {value!r}) takes search-space entries; "
+                            "write a single value as {choice: [VALUE]}")
+        _, found = extract_search_space(section, dict(sub), section)
+        plain.append(value)
+        domains += [d.model_copy(update={"parent": key, "when": value}) if d.parent is None else d for d in found]
+    return plain, domains
+
+
+def _plain_leaves(tree: Mapping, prefix: str) -> Iterator[str]:
+    """The dotted keys of the values under `tree` that are not search-space entries."""
+    for name, value in tree.items():
+        if isinstance(value, Mapping) and value and not _is_domain(value):
+            yield from _plain_leaves(value, f"{prefix}.{name}")
+        elif not _is_domain(value):
+            yield f"{prefix}.{name}"
+
+
 def extract_search_space(section: str, tree: Any, prefix: str = "") -> tuple[Any, list[Domain]]:
-    """Replace every search-space entry under `tree` by its first candidate; return them as Domains."""
+    """Replace every search-space entry under `tree` by its first candidate; return them as Domains (an
+    entry's sub-space entries right after it)."""
     if _is_domain(tree):
         kind, values = next(iter(tree.items()))
+        if isinstance(values, list):
+            values, conditional = _branches(section, prefix, kind, values)
+        else:
+            conditional = []
         domain = _check_domain(prefix, kind, values)
-        return domain.candidates()[0], [domain]
+        return domain.candidates()[0], [domain, *conditional]
     if isinstance(tree, Mapping):
         plain: dict[str, Any] = {}
         domains: list[Domain] = []
@@ -447,6 +509,39 @@ def extract_search_space(section: str, tree: Any, prefix: str = "") -> tuple[Any
             domains += found
         return plain, domains
     return tree, []
+
+
+def sub_space(space: list[Domain], domain: Domain, value: Any) -> list[Domain]:
+    """The entries that `domain` taking `value` switches on."""
+    return [d for d in space if d.parent == domain.key and d.when == value]
+
+
+def enumerated(space: list[Domain], domain: Domain) -> bool:
+    """Whether the entry's trials are enumerated (a grid, or an entry with a grid in a sub-space: a grid
+    cannot be sampled) rather than sampled."""
+    return domain.kind == "grid" or any(enumerated(space, d) for d in space if d.parent == domain.key)
+
+
+def grid_size(space: list[Domain], entries: list[Domain]) -> int:
+    """The grid points of `entries` (of `space`): the product of the grid sizes, an enumerated entry with
+    sub-spaces counting each value once per grid point of its sub-space (csa, glmha x 2 kv_reduction: 3)."""
+    def points(domain: Domain) -> int:
+        if not enumerated(space, domain):
+            return 1
+        return sum(grid_size(space, sub_space(space, domain, value)) for value in domain.values)
+
+    return math.prod(points(domain) for domain in entries)
+
+
+def written(space: list[Domain], domain: Domain) -> dict[str, list[Any]]:
+    """The entry as a spec writes it, its values' sub-spaces in place (keys relative to the section)."""
+    section = domain.key.split(".")[0]
+    values = []
+    for value in domain.values:
+        sub = sub_space(space, domain, value)
+        values.append({"value": value, "with": {d.key.removeprefix(f"{section}."): written(space, d) for d in sub}}
+                      if sub else value)
+    return {domain.kind: values}
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -495,13 +590,20 @@ def mutation_domains(search: SearchSpec) -> list[Domain]:
 
 
 def candidate_assignments(space: list[Domain]) -> Iterator[dict[str, Any]]:
-    """Each distinct candidate value of each domain alone (enough to validate every value against the schema)."""
+    """Each distinct candidate value of each domain alone, a conditional option's with the values that switch
+    it on before it (enough to validate every value against the schema)."""
+    by_key = {domain.key: domain for domain in space}
     for domain in space:
+        switch: dict[str, Any] = {}
+        parent = domain
+        while parent.parent is not None:
+            switch = {parent.parent: parent.when, **switch}
+            parent = by_key[parent.parent]
         seen = set()
         for value in domain.candidates():
             if repr(value) not in seen:
                 seen.add(repr(value))
-                yield {domain.key: value}
+                yield {**switch, domain.key: value}
 
 
 def json_schema() -> dict[str, Any]:
