@@ -48,6 +48,7 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 PEAK = 255.0
+SSIM_DEFINITIONS = ("wang", "matlab")  # Wang's per channel, 'valid'; MATLAB's ssim (RGB as one volume)
 Y_WEIGHTS = (65.481, 128.553, 24.966)  # MATLAB rgb2ycbcr, for R, G, B in 0..255
 SPECTRAL_CROP = 128  # NTIRE 2022 evaluates cubes on [128:-128, 128:-128]
 
@@ -156,10 +157,16 @@ def matlab_ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _ssim_formula(blur, a, b)
 
 
+def _check_definition(definition: str) -> None:
+    if definition not in SSIM_DEFINITIONS:
+        raise ValueError(f"unknown SSIM definition {definition!r}; choose one of {', '.join(SSIM_DEFINITIONS)}")
+
+
 def ssim(pred: np.ndarray, target: np.ndarray, *, y_channel: bool = False, crop_border: int = 0,
          definition: str = "wang") -> float:
     """SSIM between two uint8 images (HxWxC or HxW). "wang": colour images average their channels;
     "matlab": MATLAB's `ssim`, a colour image being one volume."""
+    _check_definition(definition)
     a, b = _prepare(pred, target, y_channel, crop_border)
     if definition == "matlab":
         return float(matlab_ssim_map(a, b).mean())
@@ -224,6 +231,7 @@ def ssim_batch(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool = Fa
     import torch
     import torch.nn.functional as F
 
+    _check_definition(definition)
     a, b = _prepare_batch(pred, target, y_channel, crop_border)
     channels = a.shape[1]
     window = torch.from_numpy(_gaussian_window()).to(a.device)
@@ -279,7 +287,6 @@ def spectral_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # protocol: which of the above a task reports, recorded with every result
 
 COLOR_SPACES = ("rgb", "y", "spectral")
-SSIM_DEFINITIONS = ("wang", "matlab")
 ALIGNMENTS = ("realblur-ecc",)
 # Recorded with every result: raise it when a change to the protocols changes the numbers they give.
 PROTOCOL_VERSION = 1
@@ -306,8 +313,7 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.color_space not in COLOR_SPACES:
             raise ValueError(f"unknown colour space {self.color_space!r}; choose one of {', '.join(COLOR_SPACES)}")
-        if self.ssim_definition not in SSIM_DEFINITIONS:
-            raise ValueError(f"unknown SSIM definition {self.ssim_definition!r}; choose one of {', '.join(SSIM_DEFINITIONS)}")
+        _check_definition(self.ssim_definition)
         if self.alignment is not None and self.alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
         if self.alignment and (self.color_space, self.ssim_definition, self.crop_border) != ("rgb", "wang", 0):
@@ -349,12 +355,13 @@ class Protocol:
             space = "Y (MATLAB rgb2ycbcr on uint8: BT.601, integers 16..235)" if self.color_space == "y" else "RGB"
             if self.ssim_definition == "matlab":
                 window = (f"MATLAB ssim: Gaussian sigma {SSIM_SIGMA} over {SSIM_WINDOW} px per axis, the colour axis "
-                          "included (an RGB image is one volume), replicate padding, mean of the full map")
-            else:
-                window = f"SSIM Gaussian {SSIM_WINDOW}x{SSIM_WINDOW} sigma {SSIM_SIGMA}, valid, mean over channels"
+                          f"included (an RGB image is one volume), K1 {SSIM_K1}, K2 {SSIM_K2}, L 255, replicate padding, "
+                          "mean of the full map")
+            else:  # the text recorded with results since protocol v1: keep it as it is
+                window = f"SSIM Gaussian {SSIM_WINDOW}x{SSIM_WINDOW} sigma {SSIM_SIGMA}, K1 {SSIM_K1}, K2 {SSIM_K2}, L 255, valid"
             text = (
-                f"PSNR/SSIM on {space} of uint8-quantised images; {window}; K1 {SSIM_K1}, K2 {SSIM_K2}, L 255; "
-                f"PSNR capped at {PSNR_CAP:g} dB; border crop {self.crop_border}"
+                f"PSNR/SSIM on {space} of uint8-quantised images; {window}; PSNR capped at {PSNR_CAP:g} dB; "
+                f"border crop {self.crop_border}"
             )
         if self.noise_sigma is not None:
             text += f"; inputs with Gaussian noise sigma {self.noise_sigma:g}/255, seeded per image"
