@@ -197,3 +197,20 @@ def test_a_conditional_sweep_shows_inactive_options_empty(derain_data, tmp_path)
     table = done.stdout[done.stdout.index("trial "):]
     csa_line = next(line for line in table.splitlines() if " csa " in line)
     assert csa_line.split()[2:4] == ["csa", "-"], table
+
+
+def test_a_conditional_sweep_resumes_with_its_inactive_options_unset(derain_data):
+    """Tune's saved trials of a random sweep: a csa trial's glmha options are None, not lost values."""
+    from types import SimpleNamespace
+
+    from orchestrator.run.sweep_resume import check_resumable
+    from orchestrator.spec.schema import SpecError
+
+    spec = parse_spec(conditional_spec(derain_data))
+    csa = SimpleNamespace(trial_id="a", config={"model.attention": "csa", ALPHA: None, KV: None, "train.lr": 1e-3},
+                          last_result={})
+    check_resumable(spec, "folder", [csa], started=False)
+    lost = SimpleNamespace(trial_id="b", config={"model.attention": "glmha", ALPHA: 0.5, KV: None, "train.lr": 1e-3},
+                           last_result={})
+    with pytest.raises(SpecError, match=f"lost trial b's values of {KV}"):
+        check_resumable(spec, "folder", [csa, lost], started=False)

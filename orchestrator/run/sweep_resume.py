@@ -43,6 +43,7 @@ from typing import Any
 import pyarrow.fs
 from ray.tune.schedulers import TrialScheduler
 
+from orchestrator.spec.conditional import is_active
 from orchestrator.spec.schema import ExperimentSpec, SpecError
 from orchestrator.run.trial_reports import REPORTS_DIR
 
@@ -103,7 +104,8 @@ def check_resumable(spec: ExperimentSpec, folder: str, trials: list[Any], *, sta
     training (`started`: a job is in storage) and not finished every trial. `trials`: Tune's saved trials."""
     searched = spec.searched_keys()
     for trial in trials:
-        missing = [key for key in searched if (trial.config or {}).get(key) is None]
+        config = trial.config or {}
+        missing = [key for key in searched if config.get(key) is None and is_active(spec.search_space, key, config)]
         if missing:
             raise SpecError(f"the saved state of sweep {spec.name} in {folder} lost trial {trial.trial_id}'s values of "
                             f"{', '.join(missing)} (written while storage was full or failing?); a resume would run it "
