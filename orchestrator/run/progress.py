@@ -62,7 +62,8 @@ class SweepProgress(Callback):
         self._last_table = -math.inf
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        values = " ".join(f"{key}={trial.config.get(key)}" for key in self.searched)
+        values = " ".join(f"{key}={'-' if trial.config.get(key) is None else trial.config[key]}"  # -: inactive
+                          for key in self.searched)
         console.print(f"trial {trial.trial_id} started: {values}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
