@@ -9,7 +9,8 @@ Everything comes from the tracking store, so a report can be rebuilt on any mach
 `build_sweep_report` makes:
 - rows, one per trial, best first: trial, status (FINISHED, FAILED, `stopped at N (asha)`: `run_state`),
   the searched values (empty where the trial did not run with the key), iteration, loss, the task's
-  metrics, any other objective, params_m, conv_gmacs, wall_s (the run's wall time);
+  metrics, any other objective, params_m, conv_gmacs, wall_s (the run's wall time) and its cost on the machine from
+  MLflow's system metrics (tracking/system_metrics.run_costs: mean CPU %, peak memory MB; the same of the GPUs);
 - factors: the searched keys that took two or more values, the seed (train.seed) left out: trials
   that differ only in their seed are repeats;
 - importance (importance.py) of the searched keys for search.metric, over the finished trials
@@ -35,6 +36,7 @@ from orchestrator.spec.schema import Domain, ExperimentSpec
 from orchestrator.tracking.keys import ABLATION_TAG, LOSS, SWEEP_TAG, TRIAL_TAG
 from orchestrator.tracking.runs import run_state
 from orchestrator.tracking.store import RUN_ID, child_runs, has_tag, name_is, run_by_id_or_name, search_runs
+from orchestrator.tracking.system_metrics import COST_COLUMNS, run_costs
 
 SEED_KEY = "train.seed"
 FINISHED = "FINISHED"  # `run_state` of a trial that trained to the end
@@ -124,9 +126,11 @@ def build_sweep_report(client: MlflowClient, parent: Run) -> SweepReport:
     columns = [column for column in result_columns(spec, metrics) if column != "error"]  # MLflow keeps no exception
     after_metrics = columns.index(LOSS) + 1 + len(metrics)
     columns[after_metrics:after_metrics] = [name for name in spec.objectives() if name not in columns]
+    columns += COST_COLUMNS
     trials = sorted((run for run in child_runs(client, parent.info.run_id) if TRIAL_TAG in run.data.tags),
                     key=lambda run: run.data.tags[TRIAL_TAG])
-    rows = sort_rows([trial_row(run, spec, columns) for run in trials], spec.search.metric, spec.search.mode)
+    rows = sort_rows([{**trial_row(run, spec, columns), **run_costs(client, run)} for run in trials], spec.search.metric,
+                     spec.search.mode)
     finished = [row for row in rows if row["status"] == FINISHED]
     factors = [domain for domain in varied(spec.search_space, rows) if domain.key != SEED_KEY]
     two_way = (two_way_table(*factors, finished, spec.search.metric)

@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ from orchestrator.run.timeline import mark
 from orchestrator.tracking.runs import (TrialStatusCallback, close_sweep_run, log_pbt_job, open_sweep_run, open_trial_run)
 from orchestrator.tracking.store import open_store, resolve_uri
 from orchestrator.run.trial_reports import TrialReportCallback, scored_for_tune
+from orchestrator.run.warm_start import (WarmStart, WarmTuneBOHB, load_warm_start, optuna_arguments, tag_sources,
+                                        variant_generator)
 from workloads.job_config import JobConfig, PbtSegment, TrackedRun
 
 TRIAL_RESOURCE = "trial_slot"
@@ -194,8 +197,8 @@ def _read_pointer(checkpoint: tune.Checkpoint | None) -> dict[str, Any] | None:
 OPTUNA_SAMPLERS = {"optuna": "TPESampler", "optuna_multi": "TPESampler", "gp": "GPSampler", "cmaes": "CmaEsSampler"}
 
 
-def _search_algorithm(spec: ExperimentSpec) -> Any:
-    """The searcher, limited to max_concurrent_trials trials at once."""
+def _search_algorithm(spec: ExperimentSpec, warm: WarmStart | None = None) -> Any:
+    """The searcher, limited to max_concurrent_trials trials at once, given the earlier trials of a warm start."""
     search = spec.search
     if search.algorithm in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -203,12 +206,15 @@ def _search_algorithm(spec: ExperimentSpec) -> Any:
         # hyperband pauses trials until their bracket fills; the generator would count paused trials as running
         # and never fill it: the trial_slot resources bound what runs at once instead
         limit = 0 if search.scheduler == "hyperband" else search.max_concurrent_trials
+        if warm is not None:
+            return variant_generator(warm, spec, limit)
         return BasicVariantGenerator(random_state=spec.train.seed, max_concurrent=limit)
     if search.algorithm == "bohb":
         from ray.tune.search.bohb import TuneBOHB
 
         # its own limit leaves out the trials HyperBandForBOHB paused (ConcurrencyLimiter would count them)
-        return TuneBOHB(metric=search.metric, mode=search.mode, seed=spec.train.seed,
+        bohb = TuneBOHB if warm is None else partial(WarmTuneBOHB, warm)
+        return bohb(metric=search.metric, mode=search.mode, seed=spec.train.seed,
                         max_concurrent=search.max_concurrent_trials)
     import optuna.samplers
     from ray.tune.search import ConcurrencyLimiter
@@ -220,7 +226,8 @@ def _search_algorithm(spec: ExperimentSpec) -> Any:
         searcher = OptunaSearch(optuna_space(spec), metric=list(objectives), mode=list(objectives.values()),
                                 sampler=sampler)
     else:
-        searcher = OptunaSearch(optuna_space(spec), metric=search.metric, mode=search.mode, sampler=sampler)
+        searcher = OptunaSearch(optuna_space(spec), metric=search.metric, mode=search.mode, sampler=sampler,
+                                **optuna_arguments(warm))
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent_trials)
 
 
@@ -266,10 +273,11 @@ def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, vali
     return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})
 
 
-def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str]) -> Any:
+def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str],
+               warm: WarmStart | None = None) -> Any:
     search = spec.search
     tune_config = tune.TuneConfig(  # no metric here: the searcher and the scheduler are given theirs
-        search_alg=_search_algorithm(spec), scheduler=_scheduler(spec), num_samples=search.num_samples,
+        search_alg=_search_algorithm(spec, warm), scheduler=_scheduler(spec), num_samples=search.num_samples,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )
     storage_filesystem, storage_path = filesystem(spec.storage.path, spec.storage.endpoint_url)
@@ -277,7 +285,8 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
         name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
         callbacks=[TrialStatusCallback(tracking, spec.search.scheduler),
-                   SweepProgress(spec.searched_keys(), task_metrics, trials=spec.trial_count(),
+                   SweepProgress(spec.searched_keys(), task_metrics,
+                                 trials=spec.trial_count() - (warm.skipped if warm else 0),
                                  iterations=spec.train.iterations)],
     )
     return tune.Tuner(trainable, param_space=tune_param_space(spec), tune_config=tune_config, run_config=run_config)
@@ -325,6 +334,7 @@ def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutco
         raise SpecError(f"name: a different sweep named {spec.name!r} is in {folder}; rename this one, "
                         f"or resume that one with `restorch sweep --resume {spec.name}`")
     task_metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
+    warm = load_warm_start(spec)
 
     mark("driver_validated")
     console.print(f"sweep {spec.name}: {spec.trial_count()} trials ({spec.search.algorithm} search, "
@@ -341,6 +351,8 @@ def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutco
     resume = tune.Tuner.can_restore(storage_path, storage_filesystem=storage_filesystem)
     stopped, scheduler = _resumed_scheduler(spec, folder) if resume else ({}, None)
     tracking = open_sweep_run(spec, folder, resume=resume)
+    if warm is not None:
+        tag_sources(warm, tracking)
     try:
         trainable = _trainable(spec, tracking, folder, task_metrics[0], stopped)
         if resume:
@@ -351,7 +363,7 @@ def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutco
                 tuner._local_tuner._tune_config.scheduler = scheduler
         else:
             write_text(folder, SPEC_FILE, yaml.safe_dump(spec.as_written(), sort_keys=False), spec.storage.endpoint_url)
-            tuner = _new_tuner(spec, trainable, tracking, task_metrics)
+            tuner = _new_tuner(spec, trainable, tracking, task_metrics, warm)
         mark("driver_tuner_started")
         grid = tuner.fit()
         failure = next((cause for error in grid.errors if (cause := _storage_cause(error))), None)
@@ -359,7 +371,8 @@ def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutco
             raise failure
 
         rows = trial_rows(grid, spec, task_metrics)
-        missing = 0 if spec.search.time_budget_s else max(0, spec.trial_count() - len(rows))
+        expected = spec.trial_count() - (warm.skipped if warm else 0)  # an earlier sweep ran the skipped ones
+        missing = 0 if spec.search.time_budget_s else max(0, expected - len(rows))
         if missing > 0:
             console.print(f"sweep {spec.name}: {missing} of its {spec.trial_count()} trials are not in Tune's state "
                           f"in {folder} (lost while it was written?); counted as errors")

@@ -16,6 +16,7 @@ from models.profile import size_metrics
 from models.registry import full_options
 from orchestrator.tracking.keys import (CHECKPOINT_PATH_TAG, DATA_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG)
 from orchestrator.tracking.runs import flatten, live_run_id, log_params, numeric_metrics, restart_history
+from orchestrator.tracking.system_metrics import SystemMetrics
 from workloads.metrics import PROTOCOL_VERSION
 from workloads.session import RayTrainSession
 from workloads.tasks import get_task
@@ -25,10 +26,12 @@ from workloads.train import CONSOLIDATED_MODEL, machine_name, run_training
 
 class TrackedSession:
     """A Ray Train session whose reports are also logged to the job's run (rank 0 only). The first report
-    of an attempt that resumed from a checkpoint moves to a clean run if needed (`restart_history`)."""
+    of an attempt that resumed from a checkpoint moves to a clean run if needed (`restart_history`), and the
+    machine's system metrics (`machine`) with it."""
 
-    def __init__(self, session: RayTrainSession, client: MlflowClient, run_id: str, sizes: dict[str, float]) -> None:
-        self.session, self.client, self.run_id, self.sizes = session, client, run_id, sizes
+    def __init__(self, session: RayTrainSession, client: MlflowClient, run_id: str, sizes: dict[str, float],
+                 machine: SystemMetrics) -> None:
+        self.session, self.client, self.run_id, self.sizes, self.machine = session, client, run_id, sizes, machine
         self.rank, self.world_size = session.rank, session.world_size
         self.attempt_checked = False
 
@@ -39,6 +42,7 @@ class TrackedSession:
         if not self.attempt_checked:
             self.run_id = restart_history(self.client, self.run_id, int(metrics["resumed_from"]))
             self.attempt_checked = True
+            self.machine.follow(self.run_id)
         step = int(metrics["iteration"])
         numbers = numeric_metrics(metrics, step)
         tags = [RunTag(CHECKPOINT_PATH_TAG, metrics["checkpoint_path"])] if "checkpoint_path" in metrics else []
@@ -92,12 +96,15 @@ def tracked_train_loop(config: JobConfig) -> dict[str, Any]:
     # MLflow refuses to change a param: a job run again (resumed, a pbt trial's next segment or job) logs only
     # new keys; a pbt trial's changed values are metrics and tags (log_pbt_job).
     log_params(client, run_id, {key: value for key, value in run_params(config).items() if key not in logged})
-    tracked = TrackedSession(session, client, run_id, sizes)
+    machine = SystemMetrics(config.tracking.uri, run_id)
+    tracked = TrackedSession(session, client, run_id, sizes, machine)
     try:
         result = run_training(config, tracked)
     except BaseException:
         client.set_terminated(tracked.run_id, status="FAILED")
         raise
+    finally:
+        machine.stop()
     if config.stop_iteration >= config.train.iterations:  # else a pbt segment ended: the trial goes on
         client.set_terminated(tracked.run_id, status="FINISHED")
     return result

@@ -292,6 +292,27 @@ class SearchSpec(_Section):
         None, description="pbt: what it mutates, train.lr and/or train.weight_decay -> {loguniform: [lo, hi]}, "
                           "{uniform: [lo, hi]} or a list of values")
     synch: bool = Field(False, description="pbt: perturb all trials together at each interval (waits for the slowest)")
+    warm_start: list[str] | None = Field(
+        None, description="earlier sweeps (names or parent run ids) whose finished trials the searcher starts from: "
+                          "their configurations are not run again (orchestrator/run/warm_start.py)")
+
+    @field_validator("warm_start")
+    @classmethod
+    def _sources_named(cls, sources: list[str] | None) -> list[str] | None:
+        if sources is not None and (not sources or not all(sources) or len(set(sources)) < len(sources)):
+            raise ValueError(f"give one or more distinct sweep names or parent run ids, got {sources!r}")
+        return sources
+
+    @model_validator(mode="after")
+    def _warm_startable(self) -> SearchSpec:
+        if self.warm_start and self.scheduler == "pbt":
+            raise ValueError("warm_start: pbt trials change their values while they train, so no earlier result "
+                             "stands for one configuration; remove warm_start or use another scheduler")
+        if self.warm_start and self.algorithm == "optuna_multi":
+            raise ValueError("warm_start: Ray's OptunaSearch takes one reward per earlier trial, not one per objective; "
+                             "remove warm_start or use a single-objective algorithm")
+        return self
+
 
 
 class AblationSetting(_Section):

@@ -17,6 +17,7 @@ EXPLOIT_TAG = "restorch.pbt.exploit"  # + ".{job}": that job of the trial contin
 REPLACES_TAG = "restorch.replaces"  # a resumed attempt's run: the run it took over (now deleted)
 REPLACED_BY_TAG = "restorch.replaced_by"  # on that deleted run: the run that continues it
 ATTEMPT_TAG = "restorch.attempt"  # 1, 2, ...: how many times the job started over from a checkpoint
+WARM_START_TAG = "restorch.warm_start"  # a sweep's parent run: the earlier sweeps it started from, "name (run id), ..."
 
 # tags: where and with what a sweep or job ran
 HOST_TAG = "host"
@@ -68,6 +69,11 @@ PARAMS_M = "params_m"
 CONV_GMACS = "conv_gmacs"
 TOTAL_GMACS = "total_gmacs"
 IMAGES_PER_S = "images_per_s"
+# ... and MLflow's system metrics (orchestrator/tracking/system_metrics.py): the machine of the job's rank 0
+SYSTEM_CPU_PERCENT = "system/cpu_utilization_percentage"
+SYSTEM_MEMORY_MB = "system/system_memory_usage_megabytes"
+SYSTEM_GPU_PREFIX = "system/gpu_"  # + the GPU's index + one of these two
+SYSTEM_GPU_PERCENT, SYSTEM_GPU_MEMORY_MB = "_utilization_percentage", "_memory_usage_megabytes"
 
 # params: the job config's sections, flattened (model.glmha.alpha, train.lr, ...)
 TASK_PARAM = "task.name"

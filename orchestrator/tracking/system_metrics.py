@@ -1,0 +1,80 @@
+"""System metrics of training runs: MLflow 3's system-metrics monitor, and what the reports make of it.
+
+Rank 0 of every tracked job (a sweep trial, `restorch train`: orchestrator/run/trial_job.py) runs `SystemMetrics`
+for the job's run: a thread that samples the machine every SAMPLING_INTERVAL_S seconds (MLflow's variable
+MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it) and logs under `system/`: CPU utilisation and memory
+(psutil), disk and network, and per GPU its utilisation and memory (nvidia-ml-py, where a GPU is present). They
+are the machine's numbers (everything running on rank 0's node), not the process's. Whatever it sampled after its
+last logging is logged when it stops, so a run shorter than the interval still has its numbers.
+
+`run_costs` reads a run's back for the sweep report's cost columns (COST_COLUMNS).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking.keys import (SYSTEM_CPU_PERCENT, SYSTEM_GPU_MEMORY_MB, SYSTEM_GPU_PERCENT, SYSTEM_GPU_PREFIX,
+                                        SYSTEM_MEMORY_MB)
+
+SAMPLING_INTERVAL_S = 5.0
+COST_COLUMNS = ("cpu_pct", "memory_peak_mb", "gpu_pct", "gpu_memory_peak_mb")
+
+
+class _Monitor(SystemMetricsMonitor):
+    def finish(self) -> None:
+        """Stop, logging what was sampled since the last logging (MLflow's own monitor drops it)."""
+        if self._process is None:
+            return
+        self._shutdown_event.set()
+        self._process.join()
+        if self.monitors[0].metrics:  # the CPU monitor's samples: nothing left when it logged last
+            self.publish_metrics(self.aggregate_metrics())
+        super().finish()
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor on a run; `follow` moves it to the run that replaced it (a job's attempt
+    that resumed from a checkpoint goes on in a new run: tracking/runs.restart_history)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.monitor = uri, None
+        self.follow(run_id)
+
+    def follow(self, run_id: str) -> None:
+        if self.monitor is not None and self.monitor._run_id == run_id:
+            return
+        self.stop()
+        self.monitor = _Monitor(run_id, sampling_interval=SAMPLING_INTERVAL_S, resume_logging=True,
+                                tracking_uri=self.uri)
+        self.monitor.start()
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+
+
+def run_costs(client: MlflowClient, run: Run) -> dict[str, float | None]:
+    """A run's COST_COLUMNS from its system metrics: the mean CPU utilisation (%), the peak memory in use (MB),
+    the mean utilisation of its GPUs (%) and the peak memory in use on one of them (MB); None where not logged."""
+    def history(key: str) -> list[float]:
+        return [metric.value for metric in client.get_metric_history(run.info.run_id, key)
+                if math.isfinite(metric.value)]
+
+    def gpu(suffix: str) -> list[float]:
+        keys = [key for key in run.data.metrics if key.startswith(SYSTEM_GPU_PREFIX) and key.endswith(suffix)]
+        return [value for key in sorted(keys) for value in history(key)]
+
+    cpu, memory = history(SYSTEM_CPU_PERCENT), history(SYSTEM_MEMORY_MB)
+    gpu_use, gpu_memory = gpu(SYSTEM_GPU_PERCENT), gpu(SYSTEM_GPU_MEMORY_MB)
+    values: list[Any] = [_mean(cpu), max(memory, default=None), _mean(gpu_use), max(gpu_memory, default=None)]
+    return dict(zip(COST_COLUMNS, values))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
