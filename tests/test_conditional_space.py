@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def test_spec_check_refuses_bad_sub_spaces(kind, derain_data, tmp_path, capsys):
 def test_searchers_that_cannot_take_it_are_refused(search, expected, derain_data, tmp_path, capsys):
     sampled = {"choice": ["csa", {"value": "glmha", "with": {"glmha.alpha": {"uniform": [0.2, 1.0]},
                                                              "glmha.kv_reduction": {"grid": [0.25, 0.5]}}}]}
-    if search["algorithm"] in ("bohb", "cmaes"):
+    if search["algorithm"] in ("bohb", "cmaes") or search.get("warm_start"):
         sampled["choice"][1]["with"]["glmha.kv_reduction"] = {"choice": [0.25, 0.5]}
     code, _, err = check(tmp_path, conditional_spec(derain_data, sampled, **search), capsys)
     assert code == 2 and expected in err, err
@@ -152,6 +153,7 @@ def test_optuna_suggests_options_only_for_their_value(algorithm, derain_data):
                                        mode="min", max_concurrent_trials=1))
     assert tune_param_space(spec) == {}  # the searcher defines the space
     searcher = _search_algorithm(spec)
+    pickle.dumps(searcher)  # Tune saves it with the sweep's state
     searcher.set_search_properties(None, None, {})
     configs = []
     for i in range(12):

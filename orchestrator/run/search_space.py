@@ -11,7 +11,6 @@ function that suggests an option only when its value was taken. orchestrator/spe
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 from ray import tune
@@ -87,20 +86,27 @@ def _sampled_if_active(space: list[Domain], key: str) -> Any:
     return tune.sample_from(sample)
 
 
-def optuna_space(spec: ExperimentSpec) -> Callable[[Any], None] | None:
-    """An Optuna searcher's define-by-run function for a conditional space (None for a plain one: Tune's
+def optuna_space(spec: ExperimentSpec) -> DefineByRun | None:
+    """An Optuna searcher's define-by-run space for a conditional space (None for a plain one: Tune's
     param_space then defines it)."""
     space = spec.search_space
     if spec.search.algorithm not in SAMPLING_ALGORITHMS or not is_conditional(space):
         return None
+    return DefineByRun(space)
 
-    def suggest(trial: Any) -> None:
+
+class DefineByRun:
+    """Suggests each entry of the space whose value switched it on (an object, not a closure: Tune pickles the
+    searcher with the sweep's state)."""
+
+    def __init__(self, space: list[Domain]) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> None:
         taken: dict[str, Any] = {}
-        for domain in space:  # an entry comes before its sub-spaces' entries
-            if is_active(space, domain.key, taken):
+        for domain in self.space:  # an entry comes before its sub-spaces' entries
+            if is_active(self.space, domain.key, taken):
                 taken[domain.key] = suggest_value(trial, domain)
-
-    return suggest
 
 
 def suggest_value(trial: Any, domain: Domain) -> Any:
