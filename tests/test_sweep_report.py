@@ -30,6 +30,7 @@ from orchestrator.spec.schema import Domain
 from orchestrator.tracking.keys import CSV_FILE, HTML_FILE, LATEX_FILE, MARKDOWN_FILE, STOPPED_AT_TAG, STOPPED_BY_TAG
 from orchestrator.tracking.runs import log_params, numeric_metrics, open_sweep_run, open_trial_run
 from orchestrator.tracking.store import child_runs
+from workloads.tasks import get_task
 
 # Slow-marked as a module: with these, `make test` took 6 min on 2 cores (budget 5); CI runs them.
 pytestmark = pytest.mark.slow
@@ -270,5 +271,8 @@ def test_real_sweep_report(derain_data: Path, tmp_path: Path) -> None:
     assert {(float(alpha), float(lr)): float(value) for (alpha, lr), value in cells.items()} == psnr
     markdown = first[MARKDOWN_FILE].decode()
     assert "| model.glmha.alpha \\ train.lr | 0.001 | 0.003 |" in markdown
+    protocol = get_task("deraining").protocol  # under the table: the trials' protocol, read from their tags
+    assert f"Protocol: {protocol.describe()} — protocol v{protocol.as_dict()['version']}." in markdown
+    assert "Protocol: PSNR/SSIM on Y" in first[LATEX_FILE].decode().split(r"\end{tabular}")[1]
     importance = first[REPORT_FILE].decode()
     assert "> Warning: from 4 finished trials, fewer than 20" in importance

@@ -469,17 +469,20 @@ def local_dataset(location: str, data: DataConfig, endpoint_url: str | None) -> 
     return stage(location, cache=cache_root(data.cache_dir), endpoint_url=endpoint_url, pinned=data.digests.get(location))
 
 
-def load_datasets(data: DataConfig, task: Task, *, seed: int, endpoint_url: str | None,
-                  patch_size: int) -> tuple[PairedDataset, PairedDataset | dict[str, PairedDataset]]:
+def load_datasets(data: DataConfig, task: Task, *, seed: int, endpoint_url: str | None, patch_size: int,
+                  val_tasks: dict[str, Task] | None = None) -> tuple[PairedDataset, PairedDataset | dict[str, PairedDataset]]:
     """The training set (checked for crops of `patch_size`) and the validation set, or named sets,
-    of the job's `data` section, read through the node's cache."""
+    of the job's `data` section, read through the node's cache. `val_tasks`: a named set's own task
+    (a benchmark's protocol), else `task`; a set's metrics follow `dataset.task.protocol`."""
     cache = cache_root(data.cache_dir)
+    val_tasks = val_tasks or {}
 
-    def dataset(location: str, **options: Any) -> PairedDataset:
+    def dataset(location: str, task: Task = task, **options: Any) -> PairedDataset:
         return PairedDataset(local_dataset(location, data, endpoint_url), task, seed=seed, cache=cache, **options)
 
-    val = data.val  # a folder, or named sets {name: folder}
-    val_sets = {name: dataset(folder) for name, folder in val.items()} if isinstance(val, dict) else dataset(val)
+    val = data.val_folders  # a folder, or named sets {name: folder}
+    val_sets = ({name: dataset(folder, val_tasks.get(name, task)) for name, folder in val.items()}
+                if isinstance(val, dict) else dataset(val))
     return dataset(data.train, patch_size=patch_size), val_sets
 
 

@@ -34,7 +34,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str
-    val: str | dict[str, str]  # a folder, or named sets {name: folder}
+    val: str | dict[str, str | dict[str, str]]  # a folder, or named sets {name: folder or {benchmark, path}}
     patch_size: int | None
     batch_size: int | None
     patch_sizes: list[int] | None
@@ -45,6 +45,19 @@ class DataConfig:
     cache_dir: str | None
     digests: dict[str, str]
     schedule: dict[str, Any]  # the fields above as workloads.data.PatchSchedule's config
+
+    @property
+    def val_folders(self) -> str | dict[str, str]:
+        """The validation folder, or each named set's folder."""
+        if isinstance(self.val, str):
+            return self.val
+        return {name: entry if isinstance(entry, str) else entry["path"] for name, entry in self.val.items()}
+
+    @property
+    def val_benchmarks(self) -> dict[str, str]:
+        """The named sets that are catalogued benchmarks (workloads/benchmarks.py): set name -> benchmark name."""
+        entries = self.val.items() if isinstance(self.val, dict) else []
+        return {name: entry["benchmark"] for name, entry in entries if isinstance(entry, dict)}
 
 
 @dataclass(frozen=True)

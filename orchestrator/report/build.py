@@ -17,6 +17,8 @@ on any machine pointed at the tracking server:
   images_per_s: the median of each run's training reports, mean over the runs
   cpu_hours (gpu_hours with use_gpu): the run's wall time x the CPUs (GPUs) of its workers, mean
   machine: the machines its runs' timings were measured on (their MACHINE_TAG), "; "-separated
+The report's protocol lines and record come from the finished runs' tags (the metric protocol, the benchmark,
+protocol and digest of each validation set that is a catalogued benchmark, the dtype, the reported checkpoint).
 `write_report` writes table.csv (numbers at full precision and nothing time-dependent, so that a
 rebuild is byte-identical), table.md, table.tex, report.html and the plots (formats.py, plots.py);
 `publish_report` logs them to the parent run under `report/`. The file and MLflow names are in
@@ -37,10 +39,10 @@ from orchestrator.report.results import Row, to_csv
 from orchestrator.spec.ablation import Variant, spec_variants
 from orchestrator.spec.load import load_spec_text
 from orchestrator.spec.schema import PROFILE_METRICS, ExperimentSpec
-from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, DATA_DIGEST_PREFIX, HTML_FILE,
+from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, DATA_DIGEST_PREFIX, DTYPE_TAG, HTML_FILE,
                                         IMAGES_PER_S, ITERATION, LATEX_FILE, LOSS, MACHINE_TAG, MARKDOWN_FILE, PARAMS_M,
                                         REPORT_ARTIFACTS, SPEC_ARTIFACT, VARIANT_TAG)
-from orchestrator.tracking.record import describe_record, reported_checkpoint
+from orchestrator.tracking.record import describe_record, protocol_lines, reported_checkpoint
 from orchestrator.tracking.store import child_runs, has_tag, run_by_id_or_name, search_runs
 
 UNKNOWN_MACHINE = "unknown (not recorded)"
@@ -139,8 +141,12 @@ def build_report(client: MlflowClient, reference: str) -> Report:
     _add_deltas(report.rows)
     if report.trained:
         report.warnings = arm_warnings(finished)
-    checkpoints = sorted({reported_checkpoint(run) for runs in finished.values() for run in runs})
-    report.record = describe_record(parent, checkpoint="; ".join(checkpoints) or "none (no finished run)")
+    finished_runs = [run for runs in finished.values() for run in runs]
+    checkpoints = sorted({reported_checkpoint(run) for run in finished_runs})
+    dtypes = sorted({run.data.tags[DTYPE_TAG] for run in finished_runs if DTYPE_TAG in run.data.tags})
+    report.record = describe_record(parent, checkpoint="; ".join(checkpoints) or "none (no finished run)",
+                                    dtype="/".join(dtypes) or None)
+    report.protocol = protocol_lines(finished_runs)
     return report
 
 

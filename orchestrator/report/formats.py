@@ -145,10 +145,7 @@ def notes(report: Report) -> list[str]:
     lines = ["FLOPs (G) counts convolution MACs only, as the papers' tables do; total GMACs with the attention "
              "matmuls are in the CSV (total_gmacs)."]
     if report.trained:
-        from workloads.tasks import get_task
-
-        protocol = get_task(report.spec.task.name, sigma=report.spec.task.sigma).protocol
-        lines += [f"Metrics: the final validation of each run; protocol: {protocol.describe()}.",
+        lines += [f"Metrics: the final validation of each run. {protocol_note(report.protocol)}",
                   *(["Average: the mean over the validation sets, each set weighing the same."]
                     if report.val_sets else []),
                   "Bold: a column's best value, where it beats the runner-up by more than the seeds' standard "
@@ -162,6 +159,11 @@ def notes(report: Report) -> list[str]:
     lines.append(f"Built from MLflow run {report.parent_run_id} (restorch report {report.name}).")
     lines.append(f"Reproducibility record: {'; '.join(report.record)}.")
     return [*(f"Warning: {warning}." for warning in report.warnings), *lines]
+
+
+def protocol_note(protocols: list[str]) -> str:
+    """The line under a table that says how its metrics were measured (its runs' protocols, from their tags)."""
+    return f"Protocol: {' | '.join(protocols) or 'not recorded (no finished run)'}."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,13 +208,16 @@ def _latex_cell(cell: Cell | str) -> str:
     return text + (f" ({tex_escape(cell.delta)})" if cell.delta else "")
 
 
-def latex_float(headers: list[str], table: list[list[Cell | str]], caption_text: str, label: str) -> str:
-    """A booktabs table (\\usepackage{booktabs}) of these headers and cells."""
+def latex_float(headers: list[str], table: list[list[Cell | str]], caption_text: str, label: str,
+                footer: str | None = None) -> str:
+    """A booktabs table (\\usepackage{booktabs}) of these headers and cells; `footer`: a line under it."""
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{tex_escape(caption_text)}}}", rf"\label{{tab:{label}}}",
              r"\begin{tabular}{" + "".join("l" if isinstance(cell, str) else "r" for cell in table[0]) + "}", r"\toprule",
              " & ".join(tex_escape(header) for header in headers) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex_cell(cell) for cell in line) + r" \\" for line in table]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\smallskip{{\footnotesize {tex_escape(footer)}}}"] if footer else []
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +225,8 @@ def latex_table(report: Report) -> str:
     """The ablation table in booktabs (\\usepackage{booktabs})."""
     headers, table = cells(report)
     warnings = "".join(f"% Warning: {warning}.\n" for warning in report.warnings)
-    return warnings + latex_float(headers, table, caption(report), report.name)
+    footer = protocol_note(report.protocol) if report.trained else None
+    return warnings + latex_float(headers, table, caption(report), report.name, footer)
 
 
 # ------------------------------------------------------------------------------------------------

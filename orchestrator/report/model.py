@@ -34,6 +34,7 @@ class Report:
     machines: list[str] = field(default_factory=list)  # where the timings were measured, every row's
     warnings: list[str] = field(default_factory=list)  # arms that are not comparable (iterations, data)
     record: list[str] = field(default_factory=list)  # the reproducibility record (orchestrator/tracking/record.py)
+    protocol: list[str] = field(default_factory=list)  # the metric protocols of its runs (record.protocol_lines)
 
     @property
     def name(self) -> str:

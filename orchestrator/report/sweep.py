@@ -17,7 +17,8 @@ Everything comes from the tracking store, so a report can be rebuilt on any mach
   (FINISHED, not stopped early by a scheduler: a stopped trial's metric is from fewer iterations);
 - two_way: with exactly two factors, both grid or choice entries, one cell per pair of values: the
   metric's mean over the finished trials that ran it (seeds, repeats) and their sample std (two or more);
-- pareto: with two or more search.objectives, the finished trials no other one beats on all of them.
+- pareto: with two or more search.objectives, the finished trials no other one beats on all of them;
+- protocol: how the finished trials' metrics were measured, from their tags (the line under each table).
 two_way.py holds the two-way table; sweep_page.py writes the report's files, sweep_plots.py its plots.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from orchestrator.report.results import Row, pareto_front, result_columns, sort_
 from orchestrator.report.two_way import DISCRETE, TwoWay, two_way_table
 from orchestrator.spec.schema import Domain, ExperimentSpec
 from orchestrator.tracking.keys import ABLATION_TAG, LOSS, SWEEP_TAG, TRIAL_TAG
+from orchestrator.tracking.record import protocol_lines
 from orchestrator.tracking.runs import run_state
 from orchestrator.tracking.store import RUN_ID, child_runs, has_tag, name_is, run_by_id_or_name, search_runs
 from orchestrator.tracking.system_metrics import COST_COLUMNS, run_costs
@@ -53,6 +55,7 @@ class SweepReport:
     importance: Importance
     two_way: TwoWay | None
     pareto: list[Row]  # two or more objectives: the finished trials on the Pareto front
+    protocol: list[str]  # the metric protocols of the finished trials' numbers (record.protocol_lines)
 
     @property
     def name(self) -> str:
@@ -131,6 +134,7 @@ def build_sweep_report(client: MlflowClient, parent: Run) -> SweepReport:
                     key=lambda run: run.data.tags[TRIAL_TAG])
     rows = sort_rows([{**trial_row(run, spec, columns), **run_costs(client, run)} for run in trials], spec.search.metric,
                      spec.search.mode)
+    protocol = protocol_lines([run for run in trials if run_state(run) == FINISHED])
     finished = [row for row in rows if row["status"] == FINISHED]
     factors = [domain for domain in varied(spec.search_space, rows) if domain.key != SEED_KEY]
     two_way = (two_way_table(*factors, finished, spec.search.metric)
@@ -140,4 +144,4 @@ def build_sweep_report(client: MlflowClient, parent: Run) -> SweepReport:
         if len(objectives) > 1 else []
     return SweepReport(spec, parent.info.run_id, metrics, columns, rows, [domain.key for domain in factors],
                        param_importance(spec.search_space, finished, spec.search.metric, spec.search.mode), two_way,
-                       pareto)
+                       pareto, protocol)

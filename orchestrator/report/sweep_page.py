@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.report.formats import (Cell, html_figures, html_head, html_table, latex_float, markdown_grid,
-                                         two_way_cells)
+                                         protocol_note, two_way_cells)
 from orchestrator.report.importance import EVALUATORS
 from orchestrator.report.results import Row, format_value, to_csv
 from orchestrator.report.sweep import SweepReport
@@ -49,7 +49,7 @@ def notes(report: SweepReport) -> list[str]:
     lines = [f"Finished: trained to the end ({report.spec.train.iterations} iterations); trials a scheduler stopped "
              "early, failed or still running are in the trials table only.",
              f"Metrics: each trial's final validation; {report.metric}: "
-             f"{'higher' if report.spec.search.mode == 'max' else 'lower'} is better."]
+             f"{'higher' if report.spec.search.mode == 'max' else 'lower'} is better. {protocol_note(report.protocol)}"]
     if report.two_way is not None:
         lines.append("Two-way table: a cell of one trial has no spread and is not marked best against others; "
                      "'-': no finished trial ran that pair.")
@@ -171,7 +171,8 @@ def write_sweep_report(report: SweepReport, folder: Path) -> Path:
         table = report.two_way
         files.update({CSV_FILE: to_csv(two_way_rows(table), two_way_columns(table)),
                       MARKDOWN_FILE: two_way_markdown(report, table),
-                      LATEX_FILE: latex_float(*two_way_cells(table), two_way_caption(report, table), report.name)})
+                      LATEX_FILE: latex_float(*two_way_cells(table), two_way_caption(report, table), report.name,
+                                              protocol_note(report.protocol))})
     if report.pareto:
         files[PARETO_FILE] = to_csv(report.pareto, report.columns)
     files.update({REPORT_FILE: markdown_page(report, plots), HTML_FILE: html_page(report, folder, plots)})

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.spec.checks import check_benchmark_folder
 from orchestrator.spec.schema import VARIANT_KEY, DataSpec, ExperimentSpec
 from orchestrator.spec.trial import resolve_trial
 from workloads.node_cache import cache_root, listing_digest
@@ -75,12 +76,15 @@ def check_spec_data(spec: ExperimentSpec, *, cluster: bool) -> None:
     task = get_task(spec.task.name, sigma=spec.task.sigma)
     cache = cache_root(None if cluster else spec.data.cache_dir)
     failures: dict[Path, str] = {}
+    benchmarks = {f"data.val.{name}": benchmark for name, benchmark in spec.data.val_benchmarks.items()}
     for location, (key, patch_size) in dataset_uses(spec).items():
         folder = Path(location)
         if is_uri(location) or not folder.is_dir() or (cluster and not folder.is_absolute()):
             continue
         try:
             check_folder(folder, task, patch_size=patch_size, cache=cache)
+            if key in benchmarks:
+                check_benchmark_folder(folder, benchmarks[key])
         except ValueError as error:  # DatasetError: the problems found
             failures[folder] = f"{key}: {error}"
     if failures:

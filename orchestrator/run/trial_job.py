@@ -14,14 +14,16 @@ from mlflow.tracking import MlflowClient
 
 from models.profile import size_metrics
 from models.registry import full_options
-from orchestrator.tracking.keys import (CHECKPOINT_PATH_TAG, DATA_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG, PROTOCOL_TAG, PROTOCOL_VERSION_TAG)
+from orchestrator.tracking.keys import (CHECKPOINT_PATH_TAG, DATA_TAG, DTYPE_TAG, MACHINE_TAG, MODEL_ARTIFACT, MODEL_TAG,
+                                        PROTOCOL_TAG, PROTOCOL_VERSION_TAG)
+from orchestrator.tracking.record import log_val_benchmarks, reported_checkpoint_tags
 from orchestrator.tracking.runs import flatten, live_run_id, log_params, numeric_metrics, restart_history
 from orchestrator.tracking.system_metrics import SystemMetrics
 from workloads.metrics import PROTOCOL_VERSION
 from workloads.session import RayTrainSession
 from workloads.tasks import get_task
 from workloads.job_config import JobConfig
-from workloads.train import CONSOLIDATED_MODEL, machine_name, run_training
+from workloads.train import CONSOLIDATED_MODEL, machine_name, resolved_precision, run_training
 
 
 class TrackedSession:
@@ -69,11 +71,11 @@ def result_tags(config: JobConfig) -> dict[str, str]:
     """What the run's metrics mean: the task's metric protocol (and its version), the validation data, the
     machine (this one: rank 0's) that the timings are measured on."""
     task = get_task(config.task.name, sigma=config.task.sigma)
-    val, digests = config.data.val, config.data.digests
+    val, digests = config.data.val_folders, config.data.digests
     data = ", ".join(f"{name}: {folder}" for name, folder in val.items()) if isinstance(val, dict) else str(val)
     return {PROTOCOL_TAG: task.protocol.describe(), PROTOCOL_VERSION_TAG: str(PROTOCOL_VERSION),
             DATA_TAG: f"{data}; digests {_digests(digests)}" if digests else data,
-            MACHINE_TAG: machine_name(config.resources.use_gpu)}
+            MACHINE_TAG: machine_name(config.resources.use_gpu), DTYPE_TAG: resolved_precision(config.deepspeed.precision)}
 
 
 def _digests(digests: dict[str, str]) -> str:
@@ -99,12 +101,15 @@ def tracked_train_loop(config: JobConfig) -> dict[str, Any]:
     machine = SystemMetrics(config.tracking.uri, run_id)
     tracked = TrackedSession(session, client, run_id, sizes, machine)
     try:
+        if not logged:
+            log_val_benchmarks(client, run_id, config)
         result = run_training(config, tracked)
     except BaseException:
         client.set_terminated(tracked.run_id, status="FAILED")
         raise
     finally:
         machine.stop()
+    client.log_batch(tracked.run_id, tags=[RunTag(key, value) for key, value in reported_checkpoint_tags(result).items()])
     if config.stop_iteration >= config.train.iterations:  # else a pbt segment ended: the trial goes on
         client.set_terminated(tracked.run_id, status="FINISHED")
     return result

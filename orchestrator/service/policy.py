@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from orchestrator.spec.schema import ExperimentSpec, SpecError
+from orchestrator.spec.schema import ExperimentSpec, SpecError, ValSetSpec
 
 
 def normalise(location: str, key: str) -> str:
@@ -113,7 +113,9 @@ class ServicePolicy:
                 roots = ", ".join(self.data_roots) or "none: the service was started without --data-root"
                 raise SpecError(f"{key}: {folder} is outside the data folders of this service ({roots})")
             checked[key] = path
-        val = {name: checked[f"data.val.{name}"] for name in spec.data.val_sets} or checked["data.val"]
+        benchmarks = spec.data.val_benchmarks
+        val = {name: ValSetSpec(benchmark=benchmarks[name], path=checked[f"data.val.{name}"]) if name in benchmarks
+               else checked[f"data.val.{name}"] for name in spec.data.val_sets} or checked["data.val"]
         return {"train": checked["data.train"], "val": val}
 
     def _tracking(self, uri: str | None, *, tracked: bool) -> str | None:

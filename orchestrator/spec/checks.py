@@ -4,6 +4,7 @@ messages), a model that builds within its bounds, a task that exists.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,9 +35,53 @@ def _format_validation_error(error: ValidationError) -> str:
 
 def validate_sections(raw: dict[str, Any]) -> ExperimentSpec:
     try:
-        return ExperimentSpec.model_validate(raw)
+        spec = ExperimentSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(f"invalid spec: {_format_validation_error(error)}") from None
+    check_val_benchmarks(spec)
+    return spec
+
+
+# Benchmarks whose release the validation loader (workloads.data.PairedDataset) cannot read.
+_UNREADABLE_RELEASES = {
+    "sidd_blocks": "is released as MATLAB arrays of 256x256 blocks, which the validation loader does not read (it "
+                   "reads image folders)",
+    "dnd": "withholds its ground truth (the DND server computes the metrics)",
+}
+
+
+def check_val_benchmarks(spec: ExperimentSpec) -> None:
+    """Each validation set that names a benchmark fits the spec's task: the benchmark's task, one of the
+    noise levels its published numbers use, a release the validation loader reads."""
+    from workloads.benchmarks import get_benchmark
+    from workloads.tasks import DEFAULT_SIGMA
+
+    for name, benchmark_name in spec.data.val_benchmarks.items():
+        benchmark, where = get_benchmark(benchmark_name), f"data.val.{name}"
+        if benchmark.task != spec.task.name:
+            raise SpecError(f"{where}: {benchmark.name} is a {benchmark.task} benchmark but the spec's task is "
+                            f"{spec.task.name}; validate on a {spec.task.name} benchmark or give the folder alone "
+                            f"({name}: path/to/folder)")
+        if benchmark.layout in _UNREADABLE_RELEASES:
+            raise SpecError(f"{where}: {benchmark.name} {_UNREADABLE_RELEASES[benchmark.layout]}; validate on another "
+                            "set and evaluate the trained model on it with the authors' script")
+        sigma = spec.task.sigma if spec.task.sigma is not None else DEFAULT_SIGMA
+        if benchmark.sigmas and sigma not in benchmark.sigmas:
+            raise SpecError(f"{where}: {benchmark.name}'s published numbers are at sigma "
+                            f"{'/'.join(f'{s:g}' for s in benchmark.sigmas)}, the spec's task.sigma is {sigma:g}; set "
+                            "task.sigma to one of them or give the folder alone")
+
+
+def check_benchmark_folder(folder: Path, benchmark: str) -> None:
+    """A validation set's folder matches its benchmark's catalogue entry (count, pairing, sizes: `restorch
+    data check --benchmark`'s check); a SpecError naming each problem."""
+    from workloads.benchmarks import check_benchmark
+
+    check = check_benchmark(folder, benchmark)
+    if check.problems:
+        raise SpecError(f"{folder} does not match the benchmark {benchmark}: " + "; ".join(check.problems)
+                        + f" (`restorch data benchmarks {benchmark}` shows the entry; `restorch data check {folder} "
+                        f"--benchmark {benchmark}` checks the folder alone)")
 
 
 def check_model(config: dict[str, Any], where: str) -> None:

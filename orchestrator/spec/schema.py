@@ -6,6 +6,8 @@
     data: {train: data/rain-mini/train, val: data/rain-mini/val, patch_size: 64, batch_size: 4}
                                         # batch_size: the global batch of a step, split over the workers
                                         # or several named sets: val: {Rain100L: PATH, Rain100H: PATH}
+                                        # a named set may be a catalogued benchmark, checked against it before
+                                        # anything runs: val: {Rain100H: {benchmark: Rain100H, path: PATH}}
     train: {iterations: 200, lr: 3.0e-4, val_every: 50}
     deepspeed: {zero_stage: 1}
     resources: {num_workers: 1, cpus_per_worker: 1}
@@ -109,12 +111,21 @@ class TaskSpec(_Section):
     sigma: float | None = Field(None, description="noise level (0..255) for gaussian_denoising")
 
 
+class ValSetSpec(_Section):
+    """A validation set that is a catalogued benchmark (workloads/benchmarks.py): its folder is checked against
+    the catalogue's entry before anything runs (orchestrator/spec/checks.py), and its metrics carry the
+    benchmark's protocol and the folder's content digest."""
+    benchmark: str = Field(description="the benchmark's name in the catalogue (`restorch data benchmarks`)")
+    path: str = Field(min_length=1, description="its folder or URI, laid out as the benchmark's release")
+
+
 class DataSpec(_Section):
     train: str = Field(description="training dataset folder (or a folder holding a train/ split), or its URI "
                                    "(s3://bucket/prefix, staged once per node)")
-    val: str | dict[str, str] = Field(
+    val: str | dict[str, str | ValSetSpec] = Field(
         description="validation dataset folder or URI (whole images), or several named sets {Rain100L: folder, "
-                    "Rain100H: folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr)")
+                    "Rain100H: folder}: the loop then reports each metric per set (psnr/Rain100L) and their mean (psnr); "
+                    "a named set may be a catalogued benchmark, {Rain100H: {benchmark: Rain100H, path: folder}}")
     patch_size: int | None = Field(None, ge=8, description="fixed training patch size (one stage)")
     batch_size: int | None = Field(None, ge=1, description="global batch per optimizer step (one stage): all workers "
                                    "together, each computing batch_size / (resources.num_workers x "
@@ -142,14 +153,26 @@ class DataSpec(_Section):
             if not isinstance(name, str) or not VAL_SET_NAME.match(name):
                 raise ValueError(f"validation set name {name!r}: use letters, digits, _ . - (it names the set's "
                                  "metrics, e.g. psnr/Rain100L)")
+            if isinstance(folder, Mapping):
+                _check_benchmark_set(name, folder)
+                continue
             if not isinstance(folder, str) or not folder:
-                raise ValueError(f"validation set {name!r} has no folder; write {name}: path/to/its/folder")
+                raise ValueError(f"validation set {name!r} has no folder; write {name}: path/to/its/folder "
+                                 f"(or {name}: {{benchmark: NAME, path: folder}})")
         return val
 
     @property
     def val_sets(self) -> dict[str, str]:
         """The named validation sets (name -> folder); empty for a single `val` folder."""
-        return self.val if isinstance(self.val, dict) else {}
+        if not isinstance(self.val, dict):
+            return {}
+        return {name: entry if isinstance(entry, str) else entry.path for name, entry in self.val.items()}
+
+    @property
+    def val_benchmarks(self) -> dict[str, str]:
+        """The named validation sets that are catalogued benchmarks: set name -> benchmark name."""
+        entries = self.val.items() if isinstance(self.val, dict) else []
+        return {name: entry.benchmark for name, entry in entries if isinstance(entry, ValSetSpec)}
 
     def folders(self) -> dict[str, str]:
         """Every dataset folder by its key: data.train, and data.val or data.val.NAME per named set."""
@@ -164,7 +187,11 @@ class DataSpec(_Section):
         def absolute(folder: str) -> str:
             return folder if is_uri(folder) else str(Path(folder).resolve())
 
-        val = {name: absolute(folder) for name, folder in self.val_sets.items()} or absolute(self.val)
+        if isinstance(self.val, dict):
+            val = {name: absolute(entry) if isinstance(entry, str) else entry.model_copy(update={"path": absolute(entry.path)})
+                   for name, entry in self.val.items()}
+        else:
+            val = absolute(self.val)
         digests = {uri: self.digests.get(uri) or _remote(key, uri, endpoint_url).digest
                    for key, uri in self.folders().items() if is_uri(uri)}
         return self.model_copy(update={"train": absolute(self.train), "val": val, "digests": digests})
@@ -198,6 +225,16 @@ class DataSpec(_Section):
         if self.patch_sizes:
             return {"patch_sizes": self.patch_sizes, "batch_sizes": self.batch_sizes, "iterations": self.stage_iterations}
         return {"patch_size": self.patch_size or 64, "batch_size": self.batch_size or 4}
+
+
+def _check_benchmark_set(name: str, entry: Mapping) -> None:
+    """A named set {benchmark: NAME, path: folder} with a catalogued NAME (checked here, so that one message
+    says what is wrong instead of the union's every branch)."""
+    from workloads.benchmarks import get_benchmark
+
+    if set(entry) != {"benchmark", "path"} or not all(isinstance(value, str) and value for value in entry.values()):
+        raise ValueError(f"validation set {name!r}: a benchmark set is {{benchmark: NAME, path: folder}}, got {dict(entry)!r}")
+    get_benchmark(entry["benchmark"])  # a ValueError listing the known benchmarks
 
 
 def _remote(key: str, uri: str, endpoint_url: str | None) -> Any:

@@ -102,6 +102,7 @@ DTYPE_TAG = "restorch.dtype"
 THREADS_TAG = "restorch.threads"  # torch's intra-op threads of the process that made the record
 GPUS_TAG = "restorch.gpus"  # GPUs visible to it
 REPORTED_CHECKPOINT_TAG = "restorch.reported_checkpoint"  # which checkpoint the metrics are of: "last", "best by psnr"
+REPORTED_ITERATION_TAG = "restorch.reported_iteration"  # ... written at this iteration
 TIMING_TAG = "restorch.timing"  # how speed numbers were measured: synchronised, warm-up, repeats, input size, batch
 RECORD_ARTIFACTS = "reproducibility"
 PACKAGES_ARTIFACT = f"{RECORD_ARTIFACTS}/packages.txt"  # every installed distribution, name==version
@@ -113,3 +114,7 @@ SOURCE_ARCH_TAG = "restorch.source.arch"
 SOURCE_FORMAT_TAG = "restorch.source.format"
 SOURCE_SHA256_TAG = "restorch.source.sha256"
 BENCHMARK_SET_TAG = "restorch.benchmark_set"  # a catalogued test set (workloads/benchmarks.py), not a speed benchmark
+# a training run's validation sets that are catalogued benchmarks (data.val: {NAME: {benchmark, path}}): + the set's
+# NAME, the benchmark / its protocol ("y v1: PSNR/SSIM on Y ..."); its content digest under DATA_DIGEST_PREFIX + benchmark
+VAL_BENCHMARK_PREFIX = "restorch.val_benchmark."
+VAL_PROTOCOL_PREFIX = "restorch.val_protocol."

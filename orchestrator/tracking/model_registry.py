@@ -34,7 +34,7 @@ from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, EVALUATION_ARTIFAC
                                         TASK_PARAM, TASK_TAG, TRAIN_SPEC_ARTIFACT, TRIAL_TAG, VALIDATION_PREFIX,
                                         BENCHMARK_SET_TAG, SOURCE_ARCH_TAG, SOURCE_FILE_TAG, SOURCE_FORMAT_TAG,
                                         SOURCE_SHA256_TAG)
-from orchestrator.tracking.record import describe_record, folder_digest, log_record
+from orchestrator.tracking.record import benchmark_sets, describe_record, folder_digest, log_dataset_input, log_record
 from orchestrator.tracking.store import (child_runs, get_or_create_experiment, model_versions, resolve_uri,
                                          run_by_id_or_name, search_runs)
 
@@ -243,13 +243,14 @@ def model_card(version: ModelVersion, run: Run, reproduce: str, inherited: dict[
               f"sha256 `{tags.get(SOURCE_SHA256_TAG, '?')}`, imported into restorch's `{tags.get(SOURCE_ARCH_TAG, '?')}`\n"
               if SOURCE_FILE_TAG in tags else "")
     record = "\n".join(f"- {line}" for line in describe_record(run, inherited))
+    catalogued = "".join(f"- catalogued benchmark set {line}\n" for line in benchmark_sets(run.data.tags))
     return f"""# {name} v{version.version}
 
 Task: **{tags.get(TASK_TAG, '?')}**. Metric protocol {protocol}.
 
 ## Validation
 Data: {tags.get('data', 'not recorded with the run')}
-
+{catalogued}
 | metric | value |
 |---|---|
 {metric_rows}
@@ -512,7 +513,7 @@ def evaluate_version(reference: str, data: Path, task_name: str | None = None, *
                                run_name=f"eval-{version.name}-v{version.version}-{data_name}", tags=tags).info.run_id
     log_record(client, run_id, datasets={data_name: digest}, dtype=str(next(network.parameters()).dtype).removeprefix("torch."),
                checkpoint=f"registered version {model_uri}")
-    _log_dataset_input(client, run_id, data_name, digest, data, protocol)
+    log_dataset_input(client, run_id, data_name, digest, data, protocol, context="evaluation")
     # what the numbers are of: the evaluated model's options and size, as its training run logged them
     log_params(client, run_id, {k: v for k, v in source.data.params.items() if k.startswith(MODEL_PREFIX)})
     sizes = {key: source.data.metrics[key] for key in (PARAMS_M, CONV_GMACS) if key in source.data.metrics}
@@ -527,17 +528,3 @@ def evaluate_version(reference: str, data: Path, task_name: str | None = None, *
         client.set_model_version_tag(version.name, str(version.version), key, value)
     _write_card(client, client.get_model_version(version.name, str(version.version)), resolved)
     return record, run_id
-
-
-def _log_dataset_input(client: MlflowClient, run_id: str, name: str, digest: str, folder: Path, protocol: str) -> None:
-    """The evaluated data as an MLflow dataset input of the run: its name (the benchmark's, or the folder's),
-    digest (MLflow keeps 36 characters; the whole one is in the run's record tags) and source folder,
-    tagged with the metric protocol."""
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
-
-    dataset = MetaDataset(LocalArtifactDatasetSource(str(folder.resolve())), name=name, digest=digest[:36])
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                            tags=[InputTag("mlflow.data.context", "evaluation"),
-                                                  InputTag("restorch.protocol", protocol)])])

@@ -11,8 +11,9 @@ come from and how speed numbers were timed. The spec as run is the run's spec.ya
 Dataset digests are cheap: a local folder's is the digest of its listing (relative path, size and
 modification time of every file: the key of the data check's cache, orchestrator/run/data_preflight.py),
 not of its bytes; a remote set's is the pinned `data.digests` value; a catalogued benchmark's is its
-content digest (workloads/benchmarks.py). The iteration a trained run's metrics are of is its last
-logged `iteration` metric (`reported_checkpoint`).
+content digest (workloads/benchmarks.py), logged by the worker that reads it (`log_val_benchmarks`). The dtype
+of a trained run is the one its workers trained in (workloads.train.resolved_precision: `auto` resolved on their
+device), and its metrics are its last validation's, of the last checkpoint (`reported_checkpoint_tags`).
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+
 from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking.keys import (DATA_DIGEST_PREFIX, DEVICE_TAG, DTYPE_TAG, GIT_COMMIT_TAG, GIT_DIFF_ARTIFACT,
                                         GIT_DIRTY_TAG, GPUS_TAG, HOST_TAG, ITERATION, PACKAGES_ARTIFACT, PLATFORM_TAG,
-                                        REPORTED_CHECKPOINT_TAG, RUN_SEED_TAG, THREADS_TAG, TIMING_TAG, USER_TAG,
-                                        VERSION_PREFIX)
+                                        PROTOCOL_TAG, PROTOCOL_VERSION_TAG, REPORTED_CHECKPOINT_TAG,
+                                        REPORTED_ITERATION_TAG, RUN_SEED_TAG, THREADS_TAG, TIMING_TAG, USER_TAG,
+                                        VAL_BENCHMARK_PREFIX, VAL_PROTOCOL_PREFIX, VERSION_PREFIX)
+from workloads.job_config import JobConfig
 
 VERSIONED_PACKAGES = ("restorch", "torch", "ray", "deepspeed", "mlflow", "optuna")
 LISTING_VERSION = "listing-1"
@@ -157,20 +161,90 @@ def timing_protocol(settings: Mapping[str, object]) -> str | None:
             f"timed round(s) interleaved across the variants, median; input {size}x{size}, batch {batch}, on {device}")
 
 
+def reported_checkpoint_tags(metrics: Mapping[str, object]) -> dict[str, str]:
+    """What a trained run's reported metrics are of, from its last validation's `metrics`: the last checkpoint
+    (restorch reports and registers the final model; it does not pick a best one), at their iteration."""
+    return {REPORTED_CHECKPOINT_TAG: "last", REPORTED_ITERATION_TAG: str(int(metrics[ITERATION]))} if ITERATION in metrics else {}
+
+
 def reported_checkpoint(run: Run) -> str:
-    """Which checkpoint a run's metrics are of: its REPORTED_CHECKPOINT_TAG, else (a trained run's final
-    model) the last one, at its last logged iteration."""
+    """Which checkpoint a run's metrics are of: its REPORTED_CHECKPOINT_TAG (and REPORTED_ITERATION_TAG), else
+    (a run trained before they were logged) the last one, at its last logged iteration."""
     tags, metrics = run.data.tags, run.data.metrics
     if REPORTED_CHECKPOINT_TAG in tags:
-        return tags[REPORTED_CHECKPOINT_TAG]
+        iteration = tags.get(REPORTED_ITERATION_TAG)
+        return tags[REPORTED_CHECKPOINT_TAG] + (f", iteration {iteration}" if iteration else "")
     return f"last, iteration {int(metrics[ITERATION])}" if ITERATION in metrics else "not recorded"
 
 
-def describe_record(run: Run, inherited: Mapping[str, str] | None = None, checkpoint: str | None = None) -> list[str]:
+def log_dataset_input(client: MlflowClient, run_id: str, name: str, digest: str, folder: Path, protocol: str, *,
+                      context: str) -> None:
+    """A dataset a run's metrics are computed on, as an MLflow dataset input: its name (a benchmark's, or the
+    folder's), digest (MLflow keeps 36 characters; the whole one is in the run's record tags) and source folder,
+    tagged with the metric protocol and the `context` (evaluation, validation)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(folder).resolve())), name=name, digest=digest[:36])
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                            tags=[InputTag("mlflow.data.context", context),
+                                                  InputTag("restorch.protocol", protocol)])])
+
+
+def log_val_benchmarks(client: MlflowClient, run_id: str, config: JobConfig) -> None:
+    """The job's validation sets that are catalogued benchmarks, each checked against its entry as this worker
+    reads it (a remote set once staged) and recorded on the run: the benchmark and its protocol
+    (VAL_BENCHMARK_PREFIX, VAL_PROTOCOL_PREFIX + the set's name), the content digest (DATA_DIGEST_PREFIX + the
+    benchmark) and an MLflow dataset input. A folder that does not match raises DatasetError before training."""
+    from workloads.benchmarks import check_benchmark
+    from workloads.data import DatasetError, local_dataset
+
+    folders, tags = config.data.val_folders, {}
+    for name, benchmark in config.data.val_benchmarks.items():
+        folder = local_dataset(folders[name], config.data, config.storage.endpoint_url)
+        check = check_benchmark(folder, benchmark)
+        if check.problems:
+            raise DatasetError(f"data.val.{name}: {folder} does not match the benchmark {benchmark}: "
+                               + "; ".join(check.problems))
+        protocol = check.record(config.task.sigma)["protocol"]
+        described = f"{protocol['name']} v{protocol['version']}: {protocol['description']}"
+        tags.update({f"{VAL_BENCHMARK_PREFIX}{name}": benchmark, f"{VAL_PROTOCOL_PREFIX}{name}": described,
+                     f"{DATA_DIGEST_PREFIX}{benchmark}": check.digest})
+        log_dataset_input(client, run_id, benchmark, check.digest, folder, described, context="validation")
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def protocol_lines(runs: list[Run]) -> list[str]:
+    """The metric protocols of these runs' numbers, from their tags, one line per distinct protocol: the task's
+    ("PSNR/SSIM on Y ... — protocol v2"), then each validation set that is a catalogued benchmark, with its
+    benchmark's protocol and content digest; "not recorded" for runs without the tags."""
+    lines = []
+    for run in runs:
+        tags = run.data.tags
+        line = (f"{tags[PROTOCOL_TAG]} — protocol v{tags.get(PROTOCOL_VERSION_TAG, '?')}" if PROTOCOL_TAG in tags
+                else "not recorded with the runs")
+        lines.append("; ".join([line, *benchmark_sets(tags)]))
+    return sorted(set(lines))
+
+
+def benchmark_sets(tags: Mapping[str, str]) -> list[str]:
+    """A trained run's validation sets that are catalogued benchmarks, from its tags: "NAME: benchmark B, protocol
+    y v1: ..., digest D"."""
+    return [f"{name}: benchmark {benchmark}, protocol {tags.get(VAL_PROTOCOL_PREFIX + name, '?')}, "
+            f"digest {tags.get(DATA_DIGEST_PREFIX + benchmark, 'not recorded')}"
+            for key, benchmark in sorted(tags.items()) if key.startswith(VAL_BENCHMARK_PREFIX)
+            for name in [key.removeprefix(VAL_BENCHMARK_PREFIX)]]
+
+
+def describe_record(run: Run, inherited: Mapping[str, str] | None = None, checkpoint: str | None = None,
+                    dtype: str | None = None) -> list[str]:
     """The record of a run as lines (the registry card's and the report footer's); `inherited`: the tags of
     the sweep run of a trial, whose record holds what the trial's does not (data digests, resources);
-    `checkpoint`: which checkpoints the numbers are of, when they are not the run's own (an ablation's arms)."""
-    tags = {**(inherited or {}), **run.data.tags}
+    `checkpoint`, `dtype`: which checkpoints the numbers are of and the dtypes they were trained in, when they
+    are not the run's own (an ablation's arms)."""
+    tags = {**(inherited or {}), **run.data.tags, **({DTYPE_TAG: dtype} if dtype else {})}
     commit = tags.get(GIT_COMMIT_TAG, "not recorded")
     dirty = " (uncommitted changes: see reproducibility/git.diff)" if tags.get(GIT_DIRTY_TAG) == "True" else ""
     versions = ", ".join(f"{key.removeprefix(VERSION_PREFIX)} {value}" for key, value in sorted(tags.items())
