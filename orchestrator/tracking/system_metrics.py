@@ -4,8 +4,8 @@ Rank 0 of every tracked job (a sweep trial, `restorch train`: orchestrator/run/t
 for the job's run: a thread that samples the machine every SAMPLING_INTERVAL_S seconds (MLflow's variable
 MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it) and logs under `system/`: CPU utilisation and memory
 (psutil), disk and network, and per GPU its utilisation and memory (nvidia-ml-py, where a GPU is present). They
-are the machine's numbers (everything running on rank 0's node), not the process's. Whatever it sampled after its
-last logging is logged when it stops, so a run shorter than the interval still has its numbers.
+are the machine's numbers (everything running on rank 0's node), not the process's. When it stops, it samples
+once more and logs what it has not logged yet, so a run shorter than the interval still has its numbers.
 
 `run_costs` reads a run's back for the sweep report's cost columns (COST_COLUMNS).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import psutil
 from mlflow.entities import Run
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
@@ -26,14 +27,26 @@ COST_COLUMNS = ("cpu_pct", "memory_peak_mb", "gpu_pct", "gpu_memory_peak_mb")
 
 
 class _Monitor(SystemMetricsMonitor):
+    """MLflow's monitor, right for short runs too: psutil's first CPU reading of a process (0.0: it measures from
+    the call before, and there is none) only starts the first sample's window, and at the end the time since the
+    last sample is sampled and logged with what was not logged yet (MLflow's own monitor drops both)."""
+
+    primed = False
+
+    def collect_metrics(self) -> dict[str, Any]:
+        if not self.primed:
+            self.primed = True
+            psutil.cpu_percent()
+            return {}
+        return super().collect_metrics()
+
     def finish(self) -> None:
-        """Stop, logging what was sampled since the last logging (MLflow's own monitor drops it)."""
         if self._process is None:
             return
         self._shutdown_event.set()
         self._process.join()
-        if self.monitors[0].metrics:  # the CPU monitor's samples: nothing left when it logged last
-            self.publish_metrics(self.aggregate_metrics())
+        self.collect_metrics()
+        self.publish_metrics(self.aggregate_metrics())
         super().finish()
 
 
