@@ -94,6 +94,7 @@ def test_spec_check_refuses_bad_sub_spaces(kind, derain_data, tmp_path, capsys):
     ({"algorithm": "cmaes"}, "model.attention: cmaes (CMA-ES) searches ranges only"),
     ({"algorithm": "optuna"}, "model.glmha.kv_reduction: optuna samples its own points and takes no {grid: [...]}"),
     ({"algorithm": "grid"}, "search.algorithm: grid takes only {grid: [...]} entries"),
+    ({"algorithm": "optuna", "warm_start": ["earlier"]}, "search.warm_start: not with a conditional search space"),
 ])
 def test_searchers_that_cannot_take_it_are_refused(search, expected, derain_data, tmp_path, capsys):
     sampled = {"choice": ["csa", {"value": "glmha", "with": {"glmha.alpha": {"uniform": [0.2, 1.0]},
@@ -216,3 +217,40 @@ def test_a_conditional_sweep_resumes_with_its_inactive_options_unset(derain_data
                            last_result={})
     with pytest.raises(SpecError, match=f"lost trial b's values of {KV}"):
         check_resumable(spec, "folder", [csa, lost], started=False)
+
+
+def synthetic_trial(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    tune.report({"loss": (config.get(ALPHA) or 2.0) + config["train.lr"], "iteration": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["optuna", "random"])
+def test_tune_runs_a_conditional_space_with_the_sweeps_searcher(algorithm, derain_data, tmp_path):
+    """A real Tune (a Ray of its own, no training) with the searcher and param space a sweep builds: every trial
+    runs, a csa trial never gets glmha's alpha."""
+    import sys
+
+    import ray
+    from ray import cloudpickle, tune
+
+    from orchestrator.run.search_space import tune_param_space
+    from orchestrator.run.sweep import _scheduler, _search_algorithm
+
+    sampled = {"choice": ["csa", {"value": "glmha", "with": {"glmha.alpha": {"uniform": [0.2, 1.0]}}}]}
+    spec = parse_spec(conditional_spec(derain_data, sampled, algorithm=algorithm, num_samples=8, metric="loss",
+                                       mode="min", max_concurrent_trials=1))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        grid = tune.Tuner(tune.with_resources(synthetic_trial, {"cpu": 1}), param_space=tune_param_space(spec),
+                          tune_config=tune.TuneConfig(search_alg=_search_algorithm(spec), scheduler=_scheduler(spec),
+                                                      num_samples=8),
+                          run_config=tune.RunConfig(storage_path=str(tmp_path), name=algorithm, verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    assert not grid.errors and len(grid) == 8
+    for result in grid:
+        assert (result.config.get(ALPHA) is None) == (result.config["model.attention"] == "csa"), result.config

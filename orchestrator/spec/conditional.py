@@ -48,14 +48,13 @@ def check_conditional_space(spec: ExperimentSpec) -> None:
     """Sub-spaces that mean one thing: each key searched once, no value listed twice, no option of another
     value, a searcher that can switch options off."""
     space = spec.search_space
-    for domain in space:
-        if domain.kind in ("choice", "grid"):
-            for i, value in enumerate(domain.values):
-                if any(value == other for other in domain.values[:i]):
-                    raise SpecError(f"{domain.key}: the value {value!r} is listed twice; list each value once (with "
-                                    "its sub-space, if any)")
     if not is_conditional(space):
         return
+    for domain in (d for d in space if any(sub.parent == d.key for sub in space)):
+        for i, value in enumerate(domain.values):
+            if any(value == other for other in domain.values[:i]):
+                raise SpecError(f"{domain.key}: the value {value!r} is listed twice; list each value once, with its "
+                                "sub-space if it has one")
     keys = [domain.key for domain in space]
     for domain in space:
         if domain.parent is None:
@@ -77,6 +76,10 @@ def check_conditional_space(spec: ExperimentSpec) -> None:
         if named is not None:
             raise SpecError(f"{where}: it is an option of {named!r}, another value of {parent.key}; move it into "
                             f"the sub-space of {named!r} ({{value: {named}, with: {{...}}}})")
+    if spec.search.warm_start:  # Ray's OptunaSearch: "Define-by-run function ... not yet supported ... evaluated_rewards"
+        raise SpecError("search.warm_start: not with a conditional search space (Ray's OptunaSearch takes no earlier "
+                        "results with a define-by-run space, and skipping earlier random or grid points is not done "
+                        "for sub-spaces); remove warm_start, or search every option at top level")
     algorithm = spec.search.algorithm
     if algorithm in UNCONDITIONAL_ALGORITHMS:
         first = next(domain for domain in space if domain.parent is not None)
