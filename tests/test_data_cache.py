@@ -22,6 +22,7 @@ from servers import S3_ENV
 from test_storage import BUCKET, s3, s3_endpoint  # noqa: F401 (moto's S3 and a bucket: fixtures shared with the storage tests)
 from workloads.data import (DatasetError, PairedDataset, PatchBatchSampler, PatchSchedule, Sample, load_datasets,
                             loader_workers, training_loader)
+from workloads.job_config import DataConfig
 from workloads.node_cache import locked
 from workloads.staging import DatasetChanged, list_remote, stage
 from workloads.synth import write_dataset
@@ -204,20 +205,26 @@ def test_s3_dataset_is_staged_once_and_anew_when_it_changes(s3, s3_endpoint, tmp
         stage(uri, cache=tmp_path / "other-node", endpoint_url=s3_endpoint, pinned=digest)
 
 
+def _job_data(data: DataSpec, cache: Path) -> DataConfig:
+    """`data` as a job's config carries it to the workers (orchestrator/run/jobs.job_config), with the node cache `cache`."""
+    return DataConfig(**data.model_copy(update={"cache_dir": str(cache)}).model_dump(mode="json"),
+                      schedule=data.schedule_config())
+
+
 def test_job_datasets_from_s3_pinned_when_the_run_starts(s3, s3_endpoint, tmp_path: Path) -> None:
     upload(s3, _rain(tmp_path / "rain"), "rain")
     data = DataSpec(train=f"s3://{BUCKET}/rain/train", val={"A": f"s3://{BUCKET}/rain/val", "B": str(tmp_path / "rain/val")})
     pinned = data.resolved(s3_endpoint)
     assert set(pinned.digests) == {f"s3://{BUCKET}/rain/train", f"s3://{BUCKET}/rain/val"}
     assert pinned.train == data.train and pinned.val["B"] == str(tmp_path / "rain/val")
-    on_node = pinned.model_copy(update={"cache_dir": str(tmp_path / "cache")})  # read like a job config's data
+    on_node = _job_data(pinned, tmp_path / "cache")
     train_set, val_sets = load_datasets(on_node, DERAIN, seed=0, endpoint_url=s3_endpoint, patch_size=16)
     assert len(train_set) == 5 and len(val_sets["A"]) == len(val_sets["B"]) == 1
     _same_items(val_sets["A"], val_sets["B"], [0])
     assert pinned.resolved(s3_endpoint).digests == pinned.digests  # pinned once, not again (a sweep's trials)
 
     s3.delete_object(Bucket=BUCKET, Key="rain/train/input/0000.png")  # the dataset changes mid-run
-    on_node = pinned.model_copy(update={"cache_dir": str(tmp_path / "another-node")})
+    on_node = _job_data(pinned, tmp_path / "another-node")
     with pytest.raises(DatasetChanged, match=f"s3://{BUCKET}/rain/train changed since this run started"):
         load_datasets(on_node, DERAIN, seed=0, endpoint_url=s3_endpoint, patch_size=16)
 
