@@ -18,23 +18,34 @@ from servers import BIN
 
 from orchestrator.tracking import model_registry
 from orchestrator.run.jobs import TEST_HOOK_ENV
+from orchestrator.run.timeline import TIMELINE_ENV
 from orchestrator.tracking.keys import ATTEMPT_TAG, REPLACED_BY_TAG, REPLACES_TAG
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_trial_whose_worker_crashed_logs_each_step_once(derain_data, tmp_path):
+@pytest.mark.parametrize("trial_mode", ["inline", "job"])
+def test_a_trial_whose_worker_crashed_logs_each_step_once(derain_data, tmp_path, trial_mode):
+    """Retried by Tune (an inline trial) or by Ray Train (a job trial), from the same checkpoint."""
     raw = tiny_spec("crash", derain_data, {"model.glmha.alpha": {"grid": [0.5]}},
-                    train={"iterations": 8, "val_every": 3, "checkpoint_every": 3, "log_every": 1})
+                    train={"iterations": 8, "val_every": 3, "checkpoint_every": 3, "log_every": 1},
+                    resources={"trial_mode": trial_mode})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     marker = tmp_path / "crashed"
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     # rank 0 fails at iteration 5, once: iterations 1-4 are logged, the checkpoint at 3 is the last one
     env[TEST_HOOK_ENV] = crash_env(0, 5, marker)
+    env[TIMELINE_ENV] = str(tmp_path / "timeline.txt")
     done = subprocess.run([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert marker.exists()  # the worker crashed
+    pids = {phase: {pid for _, pid, name in map(str.split, (tmp_path / "timeline.txt").read_text().splitlines())
+                    if name == phase} for phase in ("trial_started", "worker_started")}
+    if trial_mode == "inline":  # each attempt trains in its trial's process
+        assert len(pids["worker_started"]) == 2 and pids["worker_started"] <= pids["trial_started"], pids
+    else:  # in the workers of a Ray Train job
+        assert len(pids["worker_started"]) == 2 and not pids["worker_started"] & pids["trial_started"], pids
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

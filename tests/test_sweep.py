@@ -124,14 +124,16 @@ def test_grid_sweep_on_a_remote_tracking_server(ray_address, derain_data, workdi
     np.testing.assert_allclose(restored, expected[0].numpy().transpose(1, 2, 0).clip(0, 1), atol=1 / 65535)
 
 
-def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir):
+@pytest.mark.parametrize("trial_mode", ["inline", "job"])
+def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir, trial_mode):
     """Grid over GLMHA's alpha x lr in which lr 1.0 is hopeless: ASHA stops both such trials at its
     first rung, long before the iteration budget; the embedded MLflow marks them FINISHED, stopped by asha
     at that iteration, and `restorch status` says so. Tune's grid
     varies its alphabetically first key fastest, so both good trials run (and set the rungs' bars)
     before the hopeless ones start: asynchronous ASHA never stops the first trial at a rung."""
     raw = tiny_spec("asha", derain_data, {"model.glmha.alpha": {"grid": [0.4, 0.6]}, "train.lr": {"grid": [2e-3, 1.0]}},
-                    train={"iterations": 12}, search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2})
+                    train={"iterations": 12}, search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+                    resources={"trial_mode": trial_mode})
     outcome = run_sweep(parse_spec(raw))
 
     by_lr = {lr: [row for row in outcome.rows if row["train.lr"] == lr] for lr in (2e-3, 1.0)}
@@ -147,7 +149,8 @@ def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir)
     assert (workdir / "mlartifacts").is_dir()
 
 
-def test_pbt_continues_the_hopeless_trial_from_the_good_one(ray_address, derain_data, workdir):
+@pytest.mark.parametrize("trial_mode", ["inline", "job"])
+def test_pbt_continues_the_hopeless_trial_from_the_good_one(ray_address, derain_data, workdir, trial_mode):
     """pbt over a grid of lr in which 1.0 is hopeless, perturbing every 3 of 9 iterations (synch: both
     trials are compared at each interval): the lr-1.0 trial continues from the good trial's checkpoint
     at iteration 3, as a new job, with a mutated lr that the optimizer then uses; both trials run to the
@@ -158,7 +161,7 @@ def test_pbt_continues_the_hopeless_trial_from_the_good_one(ray_address, derain_
     mutations = {"train.lr": {"loguniform": [1e-3, 1e-2]}, "train.weight_decay": [0.0, 1e-4]}
     raw = tiny_spec("pbt", derain_data, {"train.lr": {"grid": [2e-3, 1.0]}}, train={"iterations": 9},
                     search={"scheduler": "pbt", "perturbation_interval": 3, "hyperparam_mutations": mutations,
-                            "synch": True})
+                            "synch": True}, resources={"trial_mode": trial_mode})
     outcome = run_sweep(parse_spec(raw))
 
     assert outcome.errors == 0 and [row["status"] for row in outcome.rows] == ["finished"] * 2, outcome.report()

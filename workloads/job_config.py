@@ -90,6 +90,7 @@ class ResourcesConfig:
     use_gpu: bool
     cpus_per_worker: float
     gpus_per_worker: float
+    trial_mode: str = "auto"  # a sweep trial's: inline or a Ray Train job (orchestrator/spec/schema.ResourcesSpec)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ Candidate = tuple[str, Callable[[str], Any]]
 CHECKPOINT_PREFIX = "checkpoint_"  # workloads/train.py names checkpoints checkpoint_{iteration:07d}
 
 
+class TrialStopped(Exception):
+    """A sweep's scheduler stopped the trial during a report (early stopping): not a failure of the run."""
+
+
 class Session(Protocol):
     """What the loop needs of where it runs (RayTrainSession, LocalSession, orchestrator/run/trial_job.TrackedSession)."""
     rank: int
@@ -52,14 +56,8 @@ class RayTrainSession:
     def _candidates(self, latest: Any) -> Iterator[Candidate]:
         """The latest checkpoint, then the older ones kept beside it in the run's storage, newest first."""
         yield latest.path, latest.to_directory
-        from pyarrow.fs import FileSelector, FileType
-
         folder, name = posixpath.split(latest.path)
-        found = latest.filesystem.get_file_info(FileSelector(folder))
-        older = sorted((info.path for info in found if info.type == FileType.Directory
-                        and info.base_name.startswith(CHECKPOINT_PREFIX) and info.base_name < name), reverse=True)
-        for path in older:
-            yield path, self._train.Checkpoint(path, filesystem=latest.filesystem).to_directory
+        yield from stored_checkpoints(latest.filesystem, folder, older_than=name)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         if checkpoint_dir is None:
@@ -67,6 +65,18 @@ class RayTrainSession:
             return
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+
+
+def stored_checkpoints(fs: Any, folder: str, older_than: str | None = None) -> list[Candidate]:
+    """The checkpoints in `folder` of the pyarrow filesystem `fs` (those named before `older_than`, if given),
+    newest first, each with how to fetch it into a local folder."""
+    from pyarrow.fs import FileSelector, FileType, copy_files
+
+    found = fs.get_file_info(FileSelector(folder, allow_not_found=True))
+    paths = sorted((info.path for info in found if info.type == FileType.Directory
+                    and info.base_name.startswith(CHECKPOINT_PREFIX)
+                    and (older_than is None or info.base_name < older_than)), reverse=True)
+    return [(path, lambda into, path=path: copy_files(path, into, source_filesystem=fs)) for path in paths]
 
 
 def checkpoint_problem(directory: Path) -> str | None:

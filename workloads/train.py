@@ -400,8 +400,9 @@ def progress_line(metrics: dict[str, Any], total: int, seconds_per_iteration: fl
     return f"{line} eta {eta:.0f}s"
 
 
-def init_local_process_group() -> None:
-    """A one-process gloo group, for running the loop outside Ray (tests, benchmarks)."""
+def init_local_process_group(use_gpu: bool = False) -> None:
+    """A one-process group, for running the loop outside a Ray Train job (inline sweep trials, tests, benchmarks);
+    with `use_gpu`, NCCL for CUDA tensors and gloo for CPU ones, as a GPU job has."""
     if dist.is_initialized():
         return
     with socket.socket() as probe:
@@ -409,4 +410,4 @@ def init_local_process_group() -> None:
         port = probe.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_gpu else "gloo", rank=0, world_size=1)

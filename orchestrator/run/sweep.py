@@ -1,17 +1,20 @@
-"""`restorch sweep`: a Ray Tune search in which every trial is one Ray Train job.
+"""`restorch sweep`: a Ray Tune search in which every trial trains one job: inline, in the trial's own process
+(one worker: orchestrator/run/inline_trial.py), or as a Ray Train job (`resources.trial_mode`).
 
 The sweep driver (`run_sweep`) validates everything, starts or joins Ray, opens the sweep's MLflow
 parent run and runs a Tuner (or restores it, when a sweep of the same name is in storage) over
 `run_trial`, a Tune function trainable. Each trial:
 1. resolves its config (the spec with the sampled values at their dotted keys);
 2. finds or creates its MLflow child run (orchestrator/tracking/runs.py);
-3. builds and fits its own TorchTrainer (orchestrator/run/jobs.py) named after the trial id, so that a
-   re-run of the trial (after an error, or when the sweep is resumed) resumes the job from its last
-   checkpoint (Ray Train V2 resumes a run of the same name and storage);
+3. trains its job, named after the trial id, so that a re-run of the trial (after an error, or when the
+   sweep is resumed) resumes the job from its last checkpoint in `jobs/{trial id}/`: inline (`fit_job`:
+   the training recipe in this process, retried by Tune's FailureConfig) or as its own TorchTrainer
+   (orchestrator/run/jobs.py; Ray Train V2 resumes a run of the same name and storage, and retries it);
 4. forwards the job's validation reports to Tune (`TrialReportCallback`), which carry the model's size
    metrics (rank 0 computes them: orchestrator/run/trial_job.py).
-The trial actor never imports the training recipe or DeepSpeed (the job's workers do): on a 2-core
+A job trial's actor never imports the training recipe or DeepSpeed (the job's workers do): on a 2-core
 machine every process start and import is paid in the trials' start-up (README, "Where the time goes").
+An inline trial skips the job's controller and worker processes altogether.
 Tune must not reuse trial actors: a trial that ASHA stops is inside its job's `fit`, and a reused actor
 would start the next trial while that job still runs (both report under one trial id).
 
@@ -31,9 +34,10 @@ rebuilds the scheduler: orchestrator/run/sweep_resume.py), `sweep.lock` (one dri
 orchestrator/run/sweep_lock.py) and, at the end, `results.csv` and `best_spec.yaml` (the best trial as a
 spec for `restorch train`).
 
-Resources: a trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
-embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs.
-A cluster joined with `--address` must define `trial_slot` itself.
+Resources: a job trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
+embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs. An
+inline trial reserves its slot and its one worker's CPUs/GPU. A cluster joined with `--address` must define
+`trial_slot` itself.
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ import yaml
 from ray import tune
 
 from workloads.storage import STORAGE_ERRNOS
-from orchestrator.run.jobs import check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight
+from orchestrator.run.jobs import (check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight,
+                                   worker_resources)
 from orchestrator.console import console
 from orchestrator.run.progress import SweepProgress
 from orchestrator.run.search_space import optuna_space, tune_domain, tune_param_space
@@ -142,7 +147,22 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
     callback = TrialReportCallback(validation_metric, spec.objectives(), trial_id=trial_id,
                                    sweep=filesystem(folder, spec.storage.endpoint_url))
     mark("trial_job_submitted")
-    make_trainer(spec, config, callbacks=[callback]).fit()
+    fit_job(spec, config, callback)
+
+
+def fit_job(spec: ExperimentSpec, config: JobConfig, callback: TrialReportCallback | None = None, *,
+            keep_all_checkpoints: bool = False) -> tuple[dict[str, Any], str]:
+    """Train the trial's job (inline, or as a Ray Train job: `spec.inline_trials()`), its validation reports sent to
+    Tune through `callback`; returns its last report and the path of its last checkpoint."""
+    if spec.inline_trials():
+        from orchestrator.run.inline_trial import run_inline
+
+        return run_inline(config, use_gpu=spec.resources.use_gpu, metric=spec.search.metric, mode=spec.search.mode,
+                          keep=None if keep_all_checkpoints else spec.search.keep_checkpoints,
+                          for_tune=callback and callback.for_tune)
+    result = make_trainer(spec, config, callbacks=[callback] if callback else None,
+                          keep_all_checkpoints=keep_all_checkpoints).fit()
+    return result.metrics, result.checkpoint.path
 
 
 def run_pbt_trial(spec: ExperimentSpec, config: JobConfig, searched: dict[str, Any], *, trial_id: str,
@@ -166,11 +186,11 @@ def run_pbt_trial(spec: ExperimentSpec, config: JobConfig, searched: dict[str, A
     while done < total:
         done = min(done + spec.search.perturbation_interval, total)
         config = replace(config, storage=storage, segment=PbtSegment(stop_at=done, init_from=init_from))
-        result = make_trainer(spec, config, keep_all_checkpoints=True).fit()
-        pointer = {"trial_id": trial_id, "job": storage.job, "iteration": done, "path": result.checkpoint.path}
+        metrics, checkpoint = fit_job(spec, config, keep_all_checkpoints=True)
+        pointer = {"trial_id": trial_id, "job": storage.job, "iteration": done, "path": checkpoint}
         with tempfile.TemporaryDirectory(prefix="restorch-pbt-") as folder:
             (Path(folder) / POINTER_FILE).write_text(json.dumps(pointer))
-            tune.report(scored_for_tune({**result.metrics, "done": done >= total},
+            tune.report(scored_for_tune({**metrics, "done": done >= total},
                                         spec.objectives()),
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -270,7 +290,9 @@ def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, vali
                stopped: dict[str, dict[str, Any]]) -> Any:
     trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, folder=folder,
                                      validation_metric=validation_metric, stopped=stopped, space=spec.search_space)
-    return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})
+    # an inline trial trains in its own process: it reserves its worker's resources (a job's workers reserve theirs)
+    resources = worker_resources(spec) if spec.inline_trials() else {}
+    return tune.with_resources(trainable, {"cpu": resources.get("CPU", 0), "gpu": resources.get("GPU", 0), TRIAL_RESOURCE: 1})
 
 
 def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str],
@@ -284,6 +306,8 @@ def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], t
     run_config = tune.RunConfig(
         name=spec.name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=0,
         stop={"time_total_s": search.time_budget_s} if search.time_budget_s else None,
+        # a job trial's retries are its Ray Train job's (make_trainer); an inline trial's are Tune's
+        failure_config=tune.FailureConfig(max_failures=spec.train.max_failures) if spec.inline_trials() else None,
         callbacks=[TrialStatusCallback(tracking, spec.search.scheduler),
                    SweepProgress(spec.searched_keys(), task_metrics,
                                  trials=spec.trial_count() - (warm.skipped if warm else 0),

@@ -20,7 +20,7 @@ from orchestrator.tracking.record import log_val_benchmarks, reported_checkpoint
 from orchestrator.tracking.runs import flatten, live_run_id, log_params, numeric_metrics, restart_history
 from orchestrator.tracking.system_metrics import SystemMetrics
 from workloads.metrics import PROTOCOL_VERSION
-from workloads.session import RayTrainSession
+from workloads.session import RayTrainSession, Session, TrialStopped
 from workloads.tasks import get_task
 from workloads.job_config import JobConfig
 from workloads.train import CONSOLIDATED_MODEL, machine_name, resolved_precision, run_training
@@ -42,6 +42,7 @@ class TrackedSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         if not self.attempt_checked:
+            self.machine.stop()  # its last samples go to the attempt's run before restart_history may replace it
             self.run_id = restart_history(self.client, self.run_id, int(metrics["resumed_from"]))
             self.attempt_checked = True
             self.machine.follow(self.run_id)
@@ -82,10 +83,10 @@ def _digests(digests: dict[str, str]) -> str:
     return " ".join(f"{uri}={digest}" for uri, digest in digests.items())
 
 
-def tracked_train_loop(config: JobConfig) -> dict[str, Any]:
-    """Entry point of a tracked job's Ray Train workers: the training loop, with rank 0 logging to the
-    job's run (`config.tracking`) and adding the model's size metrics."""
-    session = RayTrainSession()
+def tracked_train_loop(config: JobConfig, session: Session | None = None) -> dict[str, Any]:
+    """Entry point of a tracked job's Ray Train workers (or of an inline trial, with its `session`): the
+    training loop, with rank 0 logging to the job's run (`config.tracking`) and adding the model's size metrics."""
+    session = session or RayTrainSession()
     if session.rank != 0:
         return run_training(config, session)
     client = MlflowClient(config.tracking.uri)
@@ -104,6 +105,8 @@ def tracked_train_loop(config: JobConfig) -> dict[str, Any]:
         if not logged:
             log_val_benchmarks(client, run_id, config)
         result = run_training(config, tracked)
+    except TrialStopped:  # the scheduler stopped the trial: its Tune callback closes the run (TrialStatusCallback)
+        raise
     except BaseException:
         client.set_terminated(tracked.run_id, status="FAILED")
         raise

@@ -55,7 +55,14 @@ class TrialReportCallback(TuneReportCallback):
         self.trial_id, self.sweep = trial_id, sweep
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if self.validation_metric in metrics[0]:
-            scored = scored_for_tune(metrics[0], self.objectives)
-            record_report(*self.sweep, self.trial_id, scored)
+        scored = self.for_tune(metrics[0])
+        if scored is not None:
             super().after_report(run_context, [scored], checkpoint)
+
+    def for_tune(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """What Tune gets of a report (recorded in the sweep's folder first), or None: not a validation report."""
+        if self.validation_metric not in metrics:
+            return None
+        scored = scored_for_tune(metrics, self.objectives)
+        record_report(*self.sweep, self.trial_id, scored)
+        return scored

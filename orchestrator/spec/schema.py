@@ -277,6 +277,17 @@ class ResourcesSpec(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    trial_mode: Literal["auto", "inline", "job"] = Field(
+        "auto", description="how a sweep trial trains: inline (in its Tune trial's own process: seconds to start, one "
+                            "worker only), job (a Ray Train job: about 20 s more per trial on 2 cores), auto (inline "
+                            "for one worker)")
+
+    @model_validator(mode="after")
+    def _inline_is_one_worker(self) -> ResourcesSpec:
+        if self.trial_mode == "inline" and self.num_workers > 1:
+            raise ValueError(f"resources.trial_mode: an inline trial trains in one process, but num_workers is "
+                             f"{self.num_workers}; use trial_mode: job (or auto) for several workers")
+        return self
 
 
 class StorageSpec(_Section):
@@ -349,7 +360,6 @@ class SearchSpec(_Section):
             raise ValueError("warm_start: Ray's OptunaSearch takes one reward per earlier trial, not one per objective; "
                              "remove warm_start or use a single-objective algorithm")
         return self
-
 
 
 class AblationSetting(_Section):
@@ -453,9 +463,9 @@ class ExperimentSpec(_Section):
 
     def inline_trials(self) -> bool:
         """Whether sweep trials train in their Tune trial's process (orchestrator/run/inline_trial.py) rather than in
-        a Ray Train job: `inline`, or `auto` with one worker per trial that no trial changes."""
+        a Ray Train job: `inline`, or `auto` with one worker per trial."""
         if self.resources.trial_mode == "auto":
-            return self.resources.num_workers == 1 and "resources.num_workers" not in self.searched_keys()
+            return self.resources.num_workers == 1
         return self.resources.trial_mode == "inline"
 
     def objectives(self) -> dict[str, str]:
