@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from orchestrator.spec.schema import SpecError
 from orchestrator.tracking.keys import (PARENT_TAG, STOPPED_AT_TAG, STOPPED_BY_TAG, SYSTEM_CPU_PERCENT,
                                         SYSTEM_MEMORY_MB, WARM_START_TAG)
 from orchestrator.tracking.runs import numeric_metrics, open_sweep_run, open_trial_run
-from orchestrator.tracking.system_metrics import COST_COLUMNS, SystemMetrics, run_costs
+from orchestrator.tracking.system_metrics import COST_COLUMNS, MIN_WINDOW_S, SystemMetrics, run_costs
 
 GRID = {"model.glmha.alpha": {"grid": [0.4, 0.6]}, "model.glmha.kv_reduction": {"grid": [0.25, 0.5]}}
 
@@ -143,6 +144,13 @@ def test_missing_sources_and_bad_settings_are_refused(store, derain_data, grid_s
             parse_spec(tiny_spec("x", derain_data, {"train.lr": {"loguniform": [1e-4, 1e-2]}}, search=search))
 
 
+def busy() -> None:
+    """CPU work over more than the shortest window of a monitor's last sample."""
+    start = time.monotonic()
+    while time.monotonic() - start < 2 * MIN_WINDOW_S:
+        sum(range(10_000))
+
+
 def test_system_metrics_of_a_run_and_its_costs(store):
     """The monitor logs MLflow's system/ metrics on the run, even a run shorter than its sampling interval, and
     follows the run that replaces it; run_costs makes the report's cost columns of them."""
@@ -150,9 +158,9 @@ def test_system_metrics_of_a_run_and_its_costs(store):
     experiment = client.create_experiment("system-metrics")
     first, second = (client.create_run(experiment).info.run_id for _ in range(2))
     machine = SystemMetrics(store, first)
-    sum(range(5_000_000))  # some CPU work: psutil's first reading (0.0, measuring nothing) must not be the number
+    busy()  # psutil's first reading (0.0, measuring nothing) must not be the number
     machine.follow(second)
-    sum(range(5_000_000))
+    busy()
     machine.stop()
     for run_id in (first, second):
         run = client.get_run(run_id)
@@ -201,3 +209,23 @@ def test_a_sweep_warm_started_from_a_real_one(derain_data, tmp_path):
     rows = list(csv.DictReader((tmp_path / "report" / "trials.csv").open()))
     assert [row["model.glmha.alpha"] for row in rows] == ["0.8"]
     assert float(rows[0]["cpu_pct"]) > 0 and float(rows[0]["memory_peak_mb"]) > 0
+
+
+def test_a_restarted_attempt_keeps_the_machine_use_of_the_one_before(store):
+    """restart_history copies the old attempt's iterations up to the checkpoint, but all of its system metrics
+    (steps of samples, not iterations); the new attempt's monitor logs after them."""
+    from mlflow.entities import Metric
+
+    from orchestrator.tracking.runs import restart_history
+
+    client = MlflowClient(store)
+    old = client.create_run(client.create_experiment("attempts")).info.run_id
+    client.log_batch(old, metrics=[Metric("iteration", step, 0, step) for step in range(7)] +
+                     [Metric(SYSTEM_CPU_PERCENT, 40.0 + step, 0, step) for step in range(5)])
+    new = restart_history(client, old, 3)
+    assert [m.step for m in client.get_metric_history(new, "iteration")] == [0, 1, 2, 3]
+    assert [m.value for m in client.get_metric_history(new, SYSTEM_CPU_PERCENT)] == [40.0, 41.0, 42.0, 43.0, 44.0]
+    machine = SystemMetrics(store, new)
+    busy()
+    machine.stop()
+    assert [m.step for m in client.get_metric_history(new, SYSTEM_CPU_PERCENT)] == [0, 1, 2, 3, 4, 5]

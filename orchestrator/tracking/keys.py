@@ -70,9 +70,10 @@ CONV_GMACS = "conv_gmacs"
 TOTAL_GMACS = "total_gmacs"
 IMAGES_PER_S = "images_per_s"
 # ... and MLflow's system metrics (orchestrator/tracking/system_metrics.py): the machine of the job's rank 0
-SYSTEM_CPU_PERCENT = "system/cpu_utilization_percentage"
-SYSTEM_MEMORY_MB = "system/system_memory_usage_megabytes"
-SYSTEM_GPU_PREFIX = "system/gpu_"  # + the GPU's index + one of these two
+SYSTEM_PREFIX = "system/"  # their steps count samples, not iterations
+SYSTEM_CPU_PERCENT = f"{SYSTEM_PREFIX}cpu_utilization_percentage"
+SYSTEM_MEMORY_MB = f"{SYSTEM_PREFIX}system_memory_usage_megabytes"
+SYSTEM_GPU_PREFIX = f"{SYSTEM_PREFIX}gpu_"  # + the GPU's index + one of these two
 SYSTEM_GPU_PERCENT, SYSTEM_GPU_MEMORY_MB = "_utilization_percentage", "_memory_usage_megabytes"
 
 # params: the job config's sections, flattened (model.glmha.alpha, train.lr, ...)

@@ -22,8 +22,8 @@ Who logs what:
 One history per run: a job that starts over from a checkpoint at iteration N (a worker crashed, the
 sweep or the job was resumed) re-runs the iterations after N, which its run may already hold from the
 attempt that died. MLflow cannot delete logged values, so the new attempt continues in a new run
-(`restart_history`): the old run's params, tags, artifacts and metric history up to step N are copied
-into it, it takes the old run's place (same name, parent and trial tags, ATTEMPT_TAG counting the
+(`restart_history`): the old run's params, tags, artifacts and metric history up to step N (its system
+metrics whole: tracking/system_metrics.py) are copied into it, it takes the old run's place (same name, parent and trial tags, ATTEMPT_TAG counting the
 attempts, REPLACES_TAG naming the old run) and the old run is tagged REPLACED_BY_TAG and deleted (MLflow
 keeps deleted runs until `mlflow gc`; `mlflow runs restore` brings one back). So the steps re-run after a
 checkpoint replace the earlier ones, each step is in the history once, and the run's latest values, which
@@ -51,7 +51,8 @@ from ray.tune.utils import flatten_dict
 from orchestrator.spec.schema import ExperimentSpec
 from orchestrator.tracking.keys import (ATTEMPT_TAG, BEST_PREFIX, EXPLOIT_TAG, ITERATION, JOB_TAG, PARENT_TAG,
                                         REPLACED_BY_TAG, REPLACES_TAG, SEARCH_PREFIX, SPACE_PREFIX, SPEC_ARTIFACT,
-                                        STOPPED_AT_TAG, STOPPED_BY_TAG, SWEEP_TAG, TRIAL_TAG, TRIALS_PARAM)
+                                        STOPPED_AT_TAG, STOPPED_BY_TAG, SWEEP_TAG, SYSTEM_PREFIX, TRIAL_TAG,
+                                        TRIALS_PARAM)
 from orchestrator.tracking.record import dataset_digests, log_record, resources_tags
 from orchestrator.tracking.store import (child_runs, experiment_id, get_or_create_experiment, latest_run, resolve_uri,
                                          sqlite_file)
@@ -255,8 +256,9 @@ def restart_history(client: MlflowClient, run_id: str, resumed_from: int) -> str
     new_id = client.create_run(old.info.experiment_id, start_time=old.info.start_time, run_name=old.info.run_name,
                                tags={**tags, ATTEMPT_TAG: str(attempt), REPLACES_TAG: run_id}).info.run_id
     log_params(client, new_id, old.data.params)
+    # the machine's use (system metrics, by sample) counts in full: that attempt did use it
     history = [metric for key in old.data.metrics for metric in client.get_metric_history(run_id, key)
-               if metric.step <= resumed_from]
+               if metric.step <= resumed_from or key.startswith(SYSTEM_PREFIX)]
     for start in range(0, len(history), _METRIC_BATCH):
         client.log_batch(new_id, metrics=history[start : start + _METRIC_BATCH])
     if client.list_artifacts(run_id):

@@ -5,13 +5,15 @@ for the job's run: a thread that samples the machine every SAMPLING_INTERVAL_S s
 MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it) and logs under `system/`: CPU utilisation and memory
 (psutil), disk and network, and per GPU its utilisation and memory (nvidia-ml-py, where a GPU is present). They
 are the machine's numbers (everything running on rank 0's node), not the process's. When it stops, it samples
-once more and logs what it has not logged yet, so a run shorter than the interval still has its numbers.
+once more (after MIN_WINDOW_S or more) and logs what it has not logged yet, so a run shorter than the interval
+still has its numbers.
 
 `run_costs` reads a run's back for the sweep report's cost columns (COST_COLUMNS).
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import psutil
@@ -23,6 +25,7 @@ from orchestrator.tracking.keys import (SYSTEM_CPU_PERCENT, SYSTEM_GPU_MEMORY_MB
                                         SYSTEM_MEMORY_MB)
 
 SAMPLING_INTERVAL_S = 5.0
+MIN_WINDOW_S = 0.2  # the shortest window of a last sample: psutil reads 0.0 over one under its clock tick (10 ms)
 COST_COLUMNS = ("cpu_pct", "memory_peak_mb", "gpu_pct", "gpu_memory_peak_mb")
 
 
@@ -31,11 +34,11 @@ class _Monitor(SystemMetricsMonitor):
     the call before, and there is none) only starts the first sample's window, and at the end the time since the
     last sample is sampled and logged with what was not logged yet (MLflow's own monitor drops both)."""
 
-    primed = False
+    last_sample = None  # time.monotonic() of the last CPU reading
 
     def collect_metrics(self) -> dict[str, Any]:
-        if not self.primed:
-            self.primed = True
+        first, self.last_sample = self.last_sample is None, time.monotonic()
+        if first:
             psutil.cpu_percent()
             return {}
         return super().collect_metrics()
@@ -45,7 +48,8 @@ class _Monitor(SystemMetricsMonitor):
             return
         self._shutdown_event.set()
         self._process.join()
-        self.collect_metrics()
+        if self.last_sample is not None and time.monotonic() - self.last_sample >= MIN_WINDOW_S:
+            self.collect_metrics()
         self.publish_metrics(self.aggregate_metrics())
         super().finish()
 
