@@ -192,6 +192,7 @@ def _train(rank: int, world_size: int, config: JobConfig, out: str) -> None:
     torch.save(session.reports, Path(out) / f"reports{rank}.pt")
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores: `make test` stays under 5 minutes
 def test_one_and_two_workers_train_alike(derain_data, tmp_path):
     """One spec on 1 worker (2 micro-batches a step) and on 2 workers: the same global batches, so the
     same lr at every step and, up to float summation order, the same losses and validation."""

@@ -98,6 +98,7 @@ def test_resume_continues_exactly_and_consolidated_model_matches(derain_data, tm
         assert torch.equal(restored(image), deepspeed_module(image))
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores: `make test` stays under 5 minutes
 def test_zero_stages_give_the_same_loss_curve(derain_data, tmp_path):
     curves = {}
     for stage in (0, 1, 2):

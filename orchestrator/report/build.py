@@ -28,7 +28,6 @@ orchestrator/tracking/keys.py, the searches in orchestrator/tracking/store.py.
 from __future__ import annotations
 
 import statistics
-import tempfile
 from pathlib import Path
 
 from mlflow.entities import Run
@@ -43,7 +42,7 @@ from orchestrator.tracking.keys import (ABLATION_TAG, CONV_GMACS, CSV_FILE, DATA
                                         IMAGES_PER_S, ITERATION, LATEX_FILE, LOSS, MACHINE_TAG, MARKDOWN_FILE, PARAMS_M,
                                         REPORT_ARTIFACTS, SPEC_ARTIFACT, VARIANT_TAG)
 from orchestrator.tracking.record import describe_record, protocol_lines, reported_checkpoint
-from orchestrator.tracking.store import child_runs, has_tag, run_by_id_or_name, search_runs
+from orchestrator.tracking.store import child_runs, has_tag, logged_spec_text, run_by_id_or_name, search_runs
 
 UNKNOWN_MACHINE = "unknown (not recorded)"
 
@@ -61,10 +60,13 @@ def find_ablation_run(client: MlflowClient, reference: str) -> Run:
     return run
 
 
-def _logged_spec(client: MlflowClient, run: Run) -> ExperimentSpec:
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run.info.run_id, SPEC_ARTIFACT, folder)
-        return load_spec_text(Path(path).read_text(), f"{SPEC_ARTIFACT} of run {run.info.run_id}")
+def logged_spec(client: MlflowClient, run: Run) -> ExperimentSpec:
+    """The spec a sweep's or an ablation's parent run was started with (its SPEC_ARTIFACT)."""
+    text = logged_spec_text(client, run.info.run_id)
+    if text is None:
+        raise FileNotFoundError(f"run {run.info.run_id} holds no {SPEC_ARTIFACT} artifact: it was not started by "
+                                "restorch sweep or ablate, or its artifacts are gone")
+    return load_spec_text(text, f"{SPEC_ARTIFACT} of run {run.info.run_id}")
 
 
 def _history(client: MlflowClient, run_id: str, metric: str) -> Curve:
@@ -116,7 +118,7 @@ def build_report(client: MlflowClient, reference: str) -> Report:
     from workloads.tasks import get_task
 
     parent = find_ablation_run(client, reference)
-    spec = _logged_spec(client, parent)
+    spec = logged_spec(client, parent)
     metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
     sets = list(spec.data.val_sets) if len(spec.data.val_sets) > 1 else []
     metric_columns = [*(MetricColumn(set_metric(metric, name), metric, name) for name in sets for metric in metrics),

@@ -29,7 +29,7 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report.build import _logged_spec
+from orchestrator.report.build import logged_spec
 from orchestrator.report.importance import Importance, param_importance, varied
 from orchestrator.report.results import Row, pareto_front, result_columns, sort_rows
 from orchestrator.report.two_way import DISCRETE, TwoWay, two_way_table
@@ -124,7 +124,7 @@ def build_sweep_report(client: MlflowClient, parent: Run) -> SweepReport:
     """The report of the sweep whose parent run is `parent` (`find_parent_run`), from MLflow alone."""
     from workloads.tasks import get_task
 
-    spec = _logged_spec(client, parent)
+    spec = logged_spec(client, parent)
     metrics = list(get_task(spec.task.name, sigma=spec.task.sigma).protocol.metrics)
     columns = [column for column in result_columns(spec, metrics) if column != "error"]  # MLflow keeps no exception
     after_metrics = columns.index(LOSS) + 1 + len(metrics)

@@ -109,7 +109,8 @@ class SweepOutcome:
                       format_table(self.pareto, ["trial", *self.spec.searched_keys(), *objectives])]
         if self.rows and self.rows[0].get(self.spec.search.metric) is not None:
             best = self.rows[0]
-            values = ", ".join(f"{key}={best[key]}" for key in self.spec.searched_keys())
+            values = ", ".join(f"{key}={best[key]}" for key in self.spec.searched_keys()
+                               if best.get(key) is not None)  # None: a conditional option the trial did not take
             lines.append(f"\nbest trial {best['trial']}: {values} ({self.spec.search.metric} "
                          f"{best[self.spec.search.metric]:.4f}); its full spec: {self.path}/{BEST_SPEC_FILE}")
         lines.append(f"results: {self.path}/{RESULTS_FILE}")

@@ -35,7 +35,7 @@ from ray.tune.search.bohb import TuneBOHB
 
 from models.registry import full_options
 from orchestrator.console import console
-from orchestrator.report.build import _logged_spec
+from orchestrator.report.build import logged_spec
 from orchestrator.report.sweep import FINISHED, find_parent_run, trial_row
 from orchestrator.spec.schema import Domain, ExperimentSpec, SpecError
 from orchestrator.tracking.keys import ABLATION_TAG, TRIAL_TAG, WARM_START_TAG
@@ -78,7 +78,7 @@ def load_warm_start(spec: ExperimentSpec) -> WarmStart | None:
         if ABLATION_TAG in parent.data.tags:
             raise SpecError(f"search.warm_start: {reference} is an ablation, not a sweep; name a sweep or its "
                             "parent run id")
-        check_compatible(spec, _logged_spec(client, parent), f"sweep {name} ({parent.info.run_id})")
+        check_compatible(spec, logged_spec(client, parent), f"sweep {name} ({parent.info.run_id})")
         sources[parent.info.run_id] = name
         for row in finished_trials(client, parent.info.run_id, spec):
             if all(inside(domain, row[domain.key]) for domain in spec.search_space):

@@ -36,7 +36,7 @@ from orchestrator.tracking.keys import (CONV_GMACS, DATA_TAG, EVALUATION_ARTIFAC
                                         SOURCE_SHA256_TAG)
 from orchestrator.tracking.record import benchmark_sets, describe_record, folder_digest, log_dataset_input, log_record
 from orchestrator.tracking.store import (child_runs, get_or_create_experiment, model_versions, resolve_uri,
-                                         run_by_id_or_name, search_runs)
+                                         logged_spec_text, run_by_id_or_name, search_runs)
 
 EVALUATION_EXPERIMENT = "restorch-evaluations"
 IMPORT_EXPERIMENT = "restorch-imports"  # the runs of imported checkpoints
@@ -164,12 +164,8 @@ def _check_registrable(client: MlflowClient, run: Run, metric: str) -> None:
 def _spec_artifact(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
     from orchestrator.spec.load import read_spec_yaml
 
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            text = Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text()
-        except (MlflowException, OSError):
-            return None
-    return read_spec_yaml(text, f"{SPEC_ARTIFACT} of run {run_id}")
+    text = logged_spec_text(client, run_id)
+    return None if text is None else read_spec_yaml(text, f"{SPEC_ARTIFACT} of run {run_id}")
 
 
 def train_spec(client: MlflowClient, run: Run) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking.keys import PARENT_TAG
+from orchestrator.tracking.keys import PARENT_TAG, SPEC_ARTIFACT
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -159,3 +160,12 @@ def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of registered model `name` (none if there is no such model)."""
     where = f"name = {quote(name)}"
     return list(_pages(lambda token: client.search_model_versions(where, max_results=PAGE_SIZE, page_token=token)))
+
+
+def logged_spec_text(client: MlflowClient, run_id: str) -> str | None:
+    """The spec a sweep's parent run or a job's run logged (SPEC_ARTIFACT), as written; None if it has none."""
+    with tempfile.TemporaryDirectory(prefix="restorch-spec-") as folder:
+        try:
+            return Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text()
+        except (MlflowException, OSError):
+            return None
