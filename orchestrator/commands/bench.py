@@ -31,7 +31,8 @@ def _bench(args: argparse.Namespace) -> int:
                     "step_batch": args.step_batch}
         rows = benchmarks.bench_data(**settings, folder=args.folder)
     else:
-        settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations}
+        settings = {"trials": args.trials, "concurrent": args.concurrent, "iterations": args.iterations,
+                    "trial_modes": tuple(args.trial_modes)}
         rows = benchmarks.bench_sweep(**settings, folder=args.folder)
     print(f"{kind} benchmark, {settings}")
     print(format_table(rows, list(rows[0])))
@@ -84,5 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--trials", type=int, default=8)
     sweep.add_argument("--concurrent", type=int, default=2, help="trials at once (one 1-CPU worker each)")
     sweep.add_argument("--iterations", type=int, default=300, help="training iterations per trial (fixed work)")
+    sweep.add_argument("--trial-modes", nargs="+", choices=["inline", "job"], default=["job", "inline"],
+                       help="the sweeps' resources.trial_mode, one row each (job: each trial a Ray Train job)")
     sweep.add_argument("--folder", type=Path, help="where data, runs and the sweep's MLflow store go (default: a temp dir)")
     sweep.set_defaults(handler=_bench)

@@ -6,6 +6,7 @@ as a `benchmark` run with its table as artifacts.
 """
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import re
@@ -269,41 +270,58 @@ SWEEP_TRIAL_MODEL = {"name": "restormer", "dim": 8, "num_blocks": [1, 1, 1, 1], 
                      "heads": [1, 1, 1, 1]}
 
 
-def sweep_bench_spec(folder: Path, trials: int, concurrent: int, iterations: int) -> dict[str, Any]:
-    """N trials of identical work (a grid over the seed), one 1-CPU worker each, `concurrent` at once."""
+def sweep_bench_spec(folder: Path, data: Path, trials: int, concurrent: int, iterations: int,
+                     trial_mode: str = "auto") -> dict[str, Any]:
+    """N trials of identical work (a grid over the seed), one 1-CPU worker each, `concurrent` at once; storage and
+    tracking in `folder`."""
     return {
         "name": "bench-sweep",
         "model": SWEEP_TRIAL_MODEL,
         "task": "deraining",
-        "data": {"train": str(folder / "data" / "train"), "val": str(folder / "data" / "val"), "patch_size": 32,
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "patch_size": 32,
                  "batch_size": 4, "max_val_images": 2},
         "train": {"iterations": iterations, "val_every": iterations, "checkpoint_every": iterations,
                   "log_every": iterations, "seed": {"grid": list(range(trials))}},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "trial_mode": trial_mode},
         "search": {"algorithm": "grid", "max_concurrent_trials": concurrent},
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "bench-sweep"},
         "storage": {"path": str(folder / "runs")},
     }
 
 
-def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, folder: Path | None = None) -> list[dict[str, Any]]:
+def bench_sweep(trials: int = 8, concurrent: int = 2, iterations: int = 300, folder: Path | None = None,
+                trial_modes: tuple[str, ...] = ("job", "inline")) -> list[dict[str, Any]]:
     """Orchestration overhead: `restorch sweep` of N fixed-work trials vs the same trainings run one
     after the other in this process (same loop, same DeepSpeed engine, no Ray), and the time from the
-    command to the first trial's first iteration."""
+    command to the first trial's first iteration; then the same trials under ASHA (validating 4 times):
+    the wall time of the trials it stopped over their share of the training (`asha_stopped_wall_ratio`).
+    One row per trial mode (resources.trial_mode), all against the same direct trainings."""
     folder = Path(folder or tempfile.mkdtemp(prefix="restorch-bench-sweep-"))
-    raw = sweep_bench_spec(folder, trials, concurrent, iterations)
-    _write_sweep_data(folder / "data")
-    direct_s = _train_one_after_another(raw, trials, folder / "direct")
+    data = folder / "data"
+    _write_sweep_data(data)
+    direct_s = _train_one_after_another(sweep_bench_spec(folder, data, trials, concurrent, iterations), trials,
+                                        folder / "direct")
+    return [_sweep_row(sweep_bench_spec(folder / mode, data, trials, concurrent, iterations, mode), folder / mode, direct_s)
+            for mode in trial_modes]
+
+
+def _sweep_row(raw: dict[str, Any], folder: Path, direct_s: float) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    trials, iterations = len(raw["train"]["seed"]["grid"]), raw["train"]["iterations"]
     timeline = folder / "timeline.txt"
     started_at = time.time()
     _run_sweep_command(raw, folder, timeline)
     sweep_s = time.time() - started_at
     first_iteration = _first_iteration_time(raw["tracking"])
     reached = first_reached(timeline)  # where the start-up goes: seconds from the command to each phase
-    return [{"model": "sweep", "direct_s": direct_s, "sweep_s": sweep_s, "sweep_overhead": sweep_s / direct_s,
-             "trial_s": direct_s / trials,
-             **{f"{phase}_s": reached[phase] - started_at if phase in reached else None for phase in PHASES},
-             "first_iteration_s": first_iteration - started_at}]
+    stopped = _asha_stopped_trials(raw, folder)
+    seconds_per_iteration = direct_s / trials / iterations
+    ratios = [float(row["wall_s"]) / (int(row["iteration"]) * seconds_per_iteration) for row in stopped]
+    return {"model": f"sweep-{raw['resources']['trial_mode']}", "direct_s": direct_s, "sweep_s": sweep_s,
+            "sweep_overhead": sweep_s / direct_s, "trial_s": direct_s / trials,
+            **{f"{phase}_s": reached[phase] - started_at if phase in reached else None for phase in PHASES},
+            "first_iteration_s": first_iteration - started_at, "asha_stopped": len(stopped),
+            "asha_stopped_wall_ratio": sum(ratios) / len(ratios) if ratios else None}
 
 
 # The sweep benchmark's steps. Each imports what only it needs and is slow to import (skimage, the
@@ -335,6 +353,17 @@ def _run_sweep_command(raw: dict[str, Any], folder: Path, timeline: Path) -> Non
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     environment[TIMELINE_ENV] = str(timeline)
     subprocess.run(command, check=True, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
+
+
+def _asha_stopped_trials(raw: dict[str, Any], folder: Path) -> list[dict[str, str]]:
+    """The results rows of the trials that ASHA stopped, in a sweep of `raw`'s trials validating 4 times."""
+    every = max(1, raw["train"]["iterations"] // 4)
+    asha = {**raw, "name": "bench-asha",
+            "train": {**raw["train"], "val_every": every, "log_every": every, "checkpoint_every": every},
+            "search": {**raw["search"], "scheduler": "asha", "grace_period": 1, "reduction_factor": 2}}
+    _run_sweep_command(asha, folder, folder / "timeline-asha.txt")
+    with open(folder / "runs" / "bench-asha" / "results.csv") as results:
+        return [row for row in csv.DictReader(results) if row["status"].startswith("stopped")]
 
 
 def _first_iteration_time(tracking: dict[str, str]) -> float:
