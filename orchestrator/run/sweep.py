@@ -35,9 +35,10 @@ orchestrator/run/sweep_lock.py) and, at the end, `results.csv` and `best_spec.ya
 spec for `restorch train`).
 
 Resources: a job trial's Tune function reserves no CPU, only one `trial_slot`, a custom resource the
-embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs. An
-inline trial reserves its slot and its one worker's CPUs/GPU. A cluster joined with `--address` must define
-`trial_slot` itself.
+embedded Ray is started with (max_concurrent_trials of them); the trial's workers take the CPUs/GPUs. A
+cluster joined with `--address` must define `trial_slot` itself (on its head, say). An inline trial reserves
+its one worker's CPUs/GPU and no `trial_slot`, so that it trains on any node; the searcher's limit keeps it
+to max_concurrent_trials (a hyperband sweep's generator has none: there the CPUs/GPUs do).
 """
 from __future__ import annotations
 
@@ -291,9 +292,10 @@ def _trainable(spec: ExperimentSpec, tracking: dict[str, str], folder: str, vali
                stopped: dict[str, dict[str, Any]]) -> Any:
     trainable = tune.with_parameters(run_trial, base=spec.config(), tracking=tracking, folder=folder,
                                      validation_metric=validation_metric, stopped=stopped, space=spec.search_space)
-    # an inline trial trains in its own process: it reserves its worker's resources (a job's workers reserve theirs)
-    resources = worker_resources(spec) if spec.inline_trials() else {}
-    return tune.with_resources(trainable, {"cpu": resources.get("CPU", 0), "gpu": resources.get("GPU", 0), TRIAL_RESOURCE: 1})
+    if spec.inline_trials():  # it trains in its own process, on any node: it reserves its worker's CPUs/GPU
+        resources = worker_resources(spec)
+        return tune.with_resources(trainable, {"cpu": resources["CPU"], "gpu": resources.get("GPU", 0)})
+    return tune.with_resources(trainable, {"cpu": 0, TRIAL_RESOURCE: 1})  # its job's workers reserve the CPUs/GPUs
 
 
 def _new_tuner(spec: ExperimentSpec, trainable: Any, tracking: dict[str, str], task_metrics: list[str],
@@ -371,7 +373,8 @@ def _drive(spec: ExperimentSpec, folder: str, address: str | None) -> SweepOutco
         store.result()
     mark("driver_ray_ready")
     check_cluster_resources(spec)
-    _check_trial_slots()
+    if not spec.inline_trials():
+        _check_trial_slots()
     storage_filesystem, storage_path = filesystem(folder, spec.storage.endpoint_url)
     resume = tune.Tuner.can_restore(storage_path, storage_filesystem=storage_filesystem)
     stopped, scheduler = _resumed_scheduler(spec, folder) if resume else ({}, None)
