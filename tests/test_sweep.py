@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,6 +148,46 @@ def test_asha_stops_the_hopeless_trials_early(ray_address, derain_data, workdir,
         assert run.data.tags[STOPPED_AT_TAG] == str(row["iteration"])
         assert states[row["trial"]] == f"stopped at {row['iteration']} (asha)"
     assert (workdir / "mlartifacts").is_dir()
+
+
+def _steps_logged_once(client: MlflowClient, run: Any, metric: str, last: int) -> list[float]:
+    """A run's `metric` history: each of steps 1..last logged once (a resumed attempt replaced the old run's
+    history after its checkpoint); returns the run's `resumed_from` values."""
+    history = client.get_metric_history(run.info.run_id, metric)
+    assert sorted(m.step for m in history) == list(range(1, last + 1)), history
+    return [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from")]
+
+
+@pytest.mark.parametrize("trial_mode", ["inline", "job"])
+def test_hyperband_pauses_trials_and_continues_the_best(ray_address, derain_data, workdir, trial_mode):
+    """Synchronous HyperBand over 6 lr values, 4 iterations, halving by 2: its first bracket (3 trials) runs
+    to the end; the next 3 trials (one with a hopeless lr) share a bracket whose rung is iteration 2. The
+    first to reach it (two run at once) is paused (its trial process ends) until the last one does; then the
+    hopeless one is stopped and the two others go on, a paused one from its checkpoint at iteration 2. Each step
+    is logged once, and a trial that ran its 4 iterations is FINISHED, not "stopped" (HyperBand stops it on
+    its last report)."""
+    lrs = [2e-3, 3e-3, 1e-3, 2.5e-3, 1.5e-3, 1.0]  # a one-key grid runs in this order
+    raw = tiny_spec("hyperband", derain_data, {"train.lr": {"grid": lrs}},
+                    train={"iterations": 4, "val_every": 1, "checkpoint_every": 1, "log_every": 1},
+                    search={"scheduler": "hyperband", "reduction_factor": 2}, resources={"trial_mode": trial_mode})
+    outcome = run_sweep(parse_spec(raw))
+
+    assert outcome.errors == 0, outcome.report()
+    by_lr = {row["train.lr"]: row for row in outcome.rows}
+    assert [by_lr[lr]["iteration"] for lr in lrs] == [4, 4, 4, 4, 4, 2], outcome.report()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    _, children = sweep_runs(client, "hyperband")
+    stopped = children[by_lr[1.0]["trial"]]
+    assert stopped.info.status == "FINISHED" and stopped.data.tags[STOPPED_BY_TAG] == "hyperband"
+    assert stopped.data.tags[STOPPED_AT_TAG] == "2"
+    resumed = {}
+    for lr in lrs[:5]:
+        run = client.get_run(children[by_lr[lr]["trial"]].info.run_id)
+        assert run.info.status == "FINISHED" and STOPPED_BY_TAG not in run.data.tags, run.data.tags
+        resumed[lr] = _steps_logged_once(client, run, "loss", 4)
+    assert all(set(resumed[lr]) == {0.0} for lr in lrs[:3]), resumed  # the first bracket runs straight through
+    # the first of the bracket to reach its rung waits there for the others: paused, then resumed from there
+    assert any(set(resumed[lr]) == {0.0, 2.0} for lr in lrs[3:5]), resumed
 
 
 @pytest.mark.parametrize("trial_mode", ["inline", "job"])

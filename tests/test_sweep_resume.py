@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest
@@ -20,20 +21,23 @@ from servers import BIN, stop_process_group
 from orchestrator.spec.schema import SpecError
 from orchestrator.spec.load import parse_spec
 from orchestrator.run.sweep import _scheduler
-from orchestrator.run.sweep_resume import check_resumable, rebuild, reports_to_replay, stored_reports
+from orchestrator.run.sweep_resume import StoredReport, check_resumable, rebuild, reports_to_replay, stored_reports
 from orchestrator.run.trial_reports import record_report
 
 NAME = "neutral"
 LRS = [2e-3, 1.0, 0.5]  # grid order = trial order
 
 
-def sweep(workdir: Path, data: Path) -> subprocess.Popen:
-    """`restorch sweep` of the ASHA spec in `workdir` (its storage and MLflow store there), embedded Ray, own
-    session; run again in the same `workdir`, the same command resumes the sweep."""
+ASHA = {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}
+
+
+def sweep(workdir: Path, data: Path, search: dict | None = None, lrs: list[float] = LRS) -> subprocess.Popen:
+    """`restorch sweep` of a grid over `lrs` with the `search` scheduler (ASHA's by default), one trial at a time,
+    in `workdir` (its storage and MLflow store there), embedded Ray, own session; run again in the same
+    `workdir`, the same command resumes the sweep."""
     workdir.mkdir(exist_ok=True)
-    raw = tiny_spec(NAME, data, {"train.lr": {"grid": LRS}}, train={"iterations": 12},
-                    search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1},
-                    storage={"path": str(workdir / "runs")})
+    raw = tiny_spec(NAME, data, {"train.lr": {"grid": lrs}}, train={"iterations": 12},
+                    search={**(search or ASHA), "max_concurrent_trials": 1}, storage={"path": str(workdir / "runs")})
     (workdir / "spec.yaml").write_text(yaml.safe_dump(raw))
     with open(workdir / "driver.log", "a") as log:
         return subprocess.Popen([str(BIN / "restorch"), "sweep", "spec.yaml"], cwd=workdir, env=driver_env(),
@@ -108,6 +112,30 @@ def test_a_killed_asha_sweep_resumes_to_the_same_answer(derain_data, tmp_path):
         assert best(resumed) == best(uninterrupted), what
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_a_killed_median_stopping_sweep_resumes_to_the_same_answer(derain_data, tmp_path):
+    """Median stopping over 5 lr values, one trial at a time: the first three (good) run to the end, having too
+    few others to be compared with; the two hopeless ones are stopped at their first validation, worse than the
+    median of the others. Killed once the fourth trial trains, the resumed sweep stops the same ones: its rule
+    is rebuilt with the first three trials' results (a fresh one would let the fourth run to the end)."""
+    median, lrs = {"scheduler": "median", "grace_period": 1}, [2e-3, 3e-3, 1e-3, 1.0, 0.5]
+    uninterrupted = finish(sweep(tmp_path / "whole", derain_data, median, lrs), tmp_path / "whole")
+    print("uninterrupted:", uninterrupted)
+    assert [uninterrupted[lr][0].split(" at ")[0] for lr in lrs] == ["finished"] * 3 + ["stopped"] * 2, uninterrupted
+
+    workdir = tmp_path / "killed"
+    driver = sweep(workdir, derain_data, median, lrs)
+    wait_until(driver, workdir, lambda: len(jobs(workdir)) >= 4, "fourth trial started")
+    kill(driver, workdir)
+    resumed = finish(sweep(workdir, derain_data, median, lrs), workdir)
+    print("resumed:", resumed)
+    assert "resuming sweep" in (workdir / "driver.log").read_text()
+    assert {lr: status for lr, (status, _) in resumed.items()} == \
+           {lr: status for lr, (status, _) in uninterrupted.items()}
+    assert best(resumed) == best(uninterrupted)
+
+
 def asha_spec(data: Path, algorithm: str = "grid") -> object:
     space = {"grid": LRS} if algorithm == "grid" else {"choice": LRS}
     return parse_spec(tiny_spec(NAME, data, {"train.lr": space}, train={"iterations": 12},
@@ -128,13 +156,32 @@ def test_the_stored_reports_rebuild_ashas_rungs(derain_data, tmp_path):
     assert [(r.trial_id, r.metrics["iteration"], r.metrics["psnr"]) for r in reports] == sent[:-1]
 
     spec = asha_spec(derain_data)
-    stopped = rebuild(_scheduler(spec), reports)
+    stopped = rebuild(_scheduler(spec), reports, spec.train.iterations)
     assert stopped == {"a": {"iteration": 12, "psnr": 24.0}, "b": {"iteration": 3, "psnr": 10.0}}
 
     # TPE suggests a trial lost with Tune's unsaved state again under a new id: only restored trials count.
     tpe = asha_spec(derain_data, algorithm="optuna")
     assert {r.trial_id for r in reports_to_replay(tpe, reports, {"a", "c"})} == {"a", "c"}
     assert reports_to_replay(spec, reports, {"a"}) == reports  # grid: a lost trial comes back under its id
+
+
+def test_the_stored_reports_rebuild_median_stopping(derain_data):
+    """Three trials ran to the end: the rule rebuilt from their reports stops a restored fourth trial (another
+    object than the one the reports were fed with: the rule keys results by trial id) at its first validation,
+    worse than their median, and lets a good one go on; a fresh rule, with none of their results, stops neither."""
+    spec = parse_spec(tiny_spec(NAME, derain_data, {"train.lr": {"grid": [2e-3, 3e-3, 1e-3, 1.0, 0.5]}},
+                                train={"iterations": 12}, search={"scheduler": "median", "grace_period": 1}))
+    psnr = {"a": 20.0, "b": 21.0, "c": 22.0}
+    reports = [StoredReport(trial, index * 4 + step, {"iteration": 3 * step, "psnr": value + step})
+               for index, (trial, value) in enumerate(psnr.items()) for step in range(1, 5)]
+    rebuilt, fresh = _scheduler(spec), _scheduler(spec)
+    assert rebuild(rebuilt, reports, spec.train.iterations) == {}  # each ran to the end, as none had enough others
+    for scheduler, hopeless in ((rebuilt, "STOP"), (fresh, "CONTINUE")):
+        for trial, value in (("d", 5.0), ("e", 30.0)):
+            restored = SimpleNamespace(trial_id=trial)
+            scheduler.on_trial_add(None, restored)
+            expected = hopeless if trial == "d" else "CONTINUE"
+            assert scheduler.on_trial_result(None, restored, {"iteration": 3, "psnr": value}) == expected, trial
 
 
 class SavedTrial:

@@ -43,17 +43,23 @@ class InlineSession:
         self.keep, self.metric, self.mode, self.for_tune = keep, metric, mode, for_tune
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: str | None = None
+        self._stored: dict[str, dict[str, Any]] | None = None  # `_reports()`, read once, then kept up to date
 
     def resume_directory(self) -> Any:
         """A local copy of the newest intact checkpoint of the job, or None. A checkpoint without a report was
         cut short (the trial's process died while storing it)."""
-        candidates, reports = [], self._reports()
+        candidates, reports = [], self._stored_reports()
         for path, fetch in stored_checkpoints(self.fs, self.folder):
             if path in reports:
                 candidates.append((path, fetch))
             else:
                 print(f"[restorch] checkpoint {path} is incomplete (its trial stopped while storing it); skipped", flush=True)
         return newest_intact(candidates, self.rank) if candidates else None
+
+    def _stored_reports(self) -> dict[str, dict[str, Any]]:
+        if self._stored is None:
+            self._stored = self._reports()
+        return self._stored
 
     def _reports(self) -> dict[str, dict[str, Any]]:
         """The metrics stored with each whole checkpoint of the job (path -> metrics)."""
@@ -92,15 +98,17 @@ class InlineSession:
             self.fs.delete_dir(path)
         self.fs.create_dir(path)
         pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=self.fs)
+        reports = self._stored_reports()
         with self.fs.open_output_stream(f"{path}/{REPORT_FILE}") as stream:
             stream.write(json.dumps(metrics, default=float).encode())
+        reports[path] = metrics
         self.last_checkpoint = path
         if self.keep is not None:
             self._prune(latest=path)
 
     def _prune(self, latest: str) -> None:
         """Keep the latest checkpoint and the keep - 1 best others by the metric (unscored ones rank last)."""
-        reports = self._reports()
+        reports = self._stored_reports()
 
         def rank(path: str) -> float:
             score = float(reports.get(path, {}).get(self.metric, math.nan))
@@ -109,6 +117,7 @@ class InlineSession:
         others = [path for path, _ in stored_checkpoints(self.fs, self.folder) if path != latest]
         for path in sorted(others, key=rank)[self.keep - 1:]:
             self.fs.delete_dir(path)
+            reports.pop(path, None)
 
 
 def run_inline(config: JobConfig, *, use_gpu: bool, keep: int | None, metric: str, mode: str,

@@ -11,7 +11,7 @@ parent run and runs a Tuner (or restores it, when a sweep of the same name is in
    the training recipe in this process, retried by Tune's FailureConfig) or as its own TorchTrainer
    (orchestrator/run/jobs.py; Ray Train V2 resumes a run of the same name and storage, and retries it);
 4. forwards the job's validation reports to Tune (`TrialReportCallback`), which carry the model's size
-   metrics (rank 0 computes them: orchestrator/run/trial_job.py).
+   metrics (rank 0 computes them: orchestrator/run/trial_job.py); the last one once the job has ended.
 A job trial's actor never imports the training recipe or DeepSpeed (the job's workers do): on a 2-core
 machine every process start and import is paid in the trials' start-up (README, "Where the time goes").
 An inline trial skips the job's controller and worker processes altogether.
@@ -65,6 +65,7 @@ from workloads.storage import STORAGE_ERRNOS
 from orchestrator.run.jobs import (check_cluster_resources, init_ray, job_config, make_trainer, pin_paths, preflight,
                                    worker_resources)
 from orchestrator.console import console
+from orchestrator.run.schedulers import HyperBand, HyperBandBOHB, MedianStopping
 from orchestrator.run.progress import SweepProgress
 from orchestrator.run.search_space import optuna_space, tune_domain, tune_param_space
 from orchestrator.report.results import Row, format_table, pareto_front, result_columns, to_csv, trial_rows
@@ -147,15 +148,18 @@ def run_trial(searched: dict[str, Any], *, base: dict[str, Any], tracking: dict[
         run_pbt_trial(spec, config, {key: _plain(v) for key, v in searched.items()}, trial_id=trial_id, tracking=tracking)
         return
     callback = TrialReportCallback(validation_metric, spec.objectives(), trial_id=trial_id,
-                                   sweep=filesystem(folder, spec.storage.endpoint_url))
+                                   sweep=filesystem(folder, spec.storage.endpoint_url),
+                                   last_iteration=spec.train.iterations)
     mark("trial_job_submitted")
-    fit_job(spec, config, callback)
+    metrics, _ = fit_job(spec, config, callback)
+    callback.report_last(metrics)
 
 
 def fit_job(spec: ExperimentSpec, config: JobConfig, callback: TrialReportCallback | None = None, *,
             keep_all_checkpoints: bool = False) -> tuple[dict[str, Any], str]:
     """Train the trial's job (inline, or as a Ray Train job: `spec.inline_trials()`), its validation reports sent to
-    Tune through `callback`; returns its last report and the path of its last checkpoint."""
+    Tune through `callback` (all but the last: TrialReportCallback.report_last); returns its last report and the
+    path of its last checkpoint."""
     if spec.inline_trials():
         from orchestrator.run.inline_trial import run_inline
 
@@ -237,7 +241,7 @@ def _search_algorithm(spec: ExperimentSpec, warm: WarmStart | None = None) -> An
         # its own limit leaves out the trials HyperBandForBOHB paused (ConcurrencyLimiter would count them)
         bohb = TuneBOHB if warm is None else partial(WarmTuneBOHB, warm)
         return bohb(metric=search.metric, mode=search.mode, seed=spec.train.seed,
-                        max_concurrent=search.max_concurrent_trials)
+                    max_concurrent=search.max_concurrent_trials)
     import optuna.samplers
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -268,11 +272,11 @@ def _scheduler(spec: ExperimentSpec) -> Any:
                                                   hyperparam_mutations=mutations,
                                                   quantile_fraction=search.quantile_fraction,
                                                   resample_probability=search.resample_probability, synch=search.synch)
-    if search.scheduler == "median":  # min_time_slice: never pause a trial for want of others to compare it with
-        return schedulers.MedianStoppingRule(**ranking, grace_period=search.grace_period * train.val_every,
-                                             min_samples_required=MEDIAN_MIN_OTHERS, min_time_slice=train.iterations)
+    if search.scheduler == "median":
+        return MedianStopping(**ranking, grace_period=search.grace_period * train.val_every,
+                              min_samples_required=MEDIAN_MIN_OTHERS)
     if search.scheduler in ("hyperband", "bohb"):  # a paused trial restarts, its job from its last checkpoint
-        hyperband = schedulers.HyperBandForBOHB if search.scheduler == "bohb" else schedulers.HyperBandScheduler
+        hyperband = HyperBandBOHB if search.scheduler == "bohb" else HyperBand
         return hyperband(**ranking, max_t=train.iterations, reduction_factor=search.reduction_factor)
     return schedulers.ASHAScheduler(**ranking, max_t=train.iterations, grace_period=search.grace_period * train.val_every,
                                     reduction_factor=search.reduction_factor)
@@ -433,7 +437,7 @@ def _resumed_scheduler(spec: ExperimentSpec, folder: str) -> tuple[dict[str, dic
         return {}, None
     reports = reports_to_replay(spec, stored_reports(fs, path), {trial.trial_id for trial in trials})
     scheduler = _scheduler(spec)
-    return rebuild(scheduler, reports), scheduler
+    return rebuild(scheduler, reports, spec.train.iterations), scheduler
 
 
 def _close_failed(tracking: dict[str, str]) -> None:

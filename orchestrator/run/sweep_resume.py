@@ -21,10 +21,12 @@ Which reports: with grid or random search, Tune re-creates a trial that started 
 the same id (the generator's counter is saved), so every stored report counts; TPE suggests such a trial
 again under a new id, which trains from scratch, so only reports of trials Tune restored count.
 
-Schedulers: fifo keeps no state; asha's state (each rung's recorded scores) comes from results alone and is
-rebuilt exactly. pbt is not rebuilt: its state also holds the exploitations it made (which trial continued
+Schedulers: fifo keeps no state; asha's state (each rung's recorded scores) and median's (each trial's
+results: orchestrator/run/schedulers.py keys them by trial id) come from results alone and are rebuilt
+exactly. hyperband and bohb are not rebuilt: their brackets hold which trials they paused, and when, which no report
+records. pbt is not rebuilt: its state also holds the exploitations it made (which trial continued
 which checkpoint, with what mutated values) and its random draws, which no report records. A sweep whose
-scheduler is not rebuilt (pbt, or one added later) refuses to resume once it has started training
+scheduler is not rebuilt (pbt, hyperband, bohb) refuses to resume once it has started training
 (`check_resumable`) rather than go on differently.
 
 Known gap: a report whose checkpoint Ray Train committed just before the driver died, before the report was
@@ -47,8 +49,10 @@ from orchestrator.spec.conditional import is_active
 from orchestrator.spec.schema import ExperimentSpec, SpecError
 from orchestrator.run.trial_reports import REPORTS_DIR
 
-REBUILT_SCHEDULERS = ("fifo", "asha")
-UNREBUILT_STATE = {"pbt": "the exploitations it made and its random draws"}  # why, for the refusal
+REBUILT_SCHEDULERS = ("fifo", "asha", "median")
+UNREBUILT_STATE = {"pbt": "the exploitations it made and its random draws",  # why, for the refusal
+                   "hyperband": "which trials it paused in which bracket", "bohb": "which trials it paused in which "
+                   "bracket, and its model's random draws"}
 SAME_ID_SEARCHES = ("random", "grid")  # Tune's BasicVariantGenerator: a lost trial comes back under its id
 
 
@@ -73,9 +77,10 @@ def stored_reports(fs: pyarrow.fs.FileSystem, sweep_path: str) -> list[StoredRep
     return sorted(reports, key=lambda report: report.time)
 
 
-def rebuild(scheduler: TrialScheduler, reports: list[StoredReport]) -> dict[str, dict[str, Any]]:
-    """Feed `reports` to `scheduler` (configured with the sweep's metric and mode) as Tune fed them; returns
-    the last report of each trial it stopped, by trial id."""
+def rebuild(scheduler: TrialScheduler, reports: list[StoredReport], last_iteration: int) -> dict[str, dict[str, Any]]:
+    """Feed `reports` to `scheduler` (configured with the sweep's metric and mode) as Tune fed them (a trial's
+    report at `last_iteration` is its last: Tune completes the trial); returns the last report of each trial
+    it stopped, by trial id."""
     trials: dict[str, SimpleNamespace] = {}
     stopped: dict[str, dict[str, Any]] = {}
     for report in reports:
@@ -85,8 +90,10 @@ def rebuild(scheduler: TrialScheduler, reports: list[StoredReport]) -> dict[str,
             trials[report.trial_id] = SimpleNamespace(trial_id=report.trial_id)
             scheduler.on_trial_add(None, trials[report.trial_id])
         trial = trials[report.trial_id]
-        if scheduler.on_trial_result(None, trial, report.metrics) == TrialScheduler.STOP:
+        action = scheduler.on_trial_result(None, trial, report.metrics)
+        if action == TrialScheduler.STOP or report.metrics["iteration"] >= last_iteration:
             scheduler.on_trial_complete(None, trial, report.metrics)
+        if action == TrialScheduler.STOP:
             stopped[report.trial_id] = report.metrics
     return stopped
 

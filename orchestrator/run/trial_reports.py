@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pyarrow.fs
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 DIVERGED_SCORE = {"max": -1e9, "min": 1e9}  # what Tune sees for a diverged (nan) trial: the worst score
@@ -46,13 +47,18 @@ def record_report(fs: pyarrow.fs.FileSystem, sweep_path: str, trial_id: str, met
 class TrialReportCallback(TuneReportCallback):
     """Forwards the job's validation reports (those holding `validation_metric`, and the model's size
     metrics: orchestrator/run/trial_job.py) to Tune, each recorded first in the sweep's folder (`sweep`: its
-    filesystem and path there); the other reports (loss logging) go to MLflow only."""
+    filesystem and path there); the other reports (loss logging) go to MLflow only.
+
+    The last validation (at `last_iteration`) is withheld until the job has ended: the trial hands it to Tune
+    itself (`report_last`). A scheduler stops a trial on its report at max_t (ASHA, HyperBand), and a stop
+    ends the trial's process at once: given while the job still ran, it would cut off the run's closing
+    (its FINISHED status and what its metrics are of), and the trial would count as stopped early."""
 
     def __init__(self, validation_metric: str, objectives: dict[str, str], *, trial_id: str,
-                 sweep: tuple[pyarrow.fs.FileSystem, str]) -> None:
+                 sweep: tuple[pyarrow.fs.FileSystem, str], last_iteration: int) -> None:
         super().__init__()
         self.validation_metric, self.objectives = validation_metric, objectives
-        self.trial_id, self.sweep = trial_id, sweep
+        self.trial_id, self.sweep, self.last_iteration = trial_id, sweep, last_iteration
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         scored = self.for_tune(metrics[0])
@@ -60,9 +66,22 @@ class TrialReportCallback(TuneReportCallback):
             super().after_report(run_context, [scored], checkpoint)
 
     def for_tune(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
-        """What Tune gets of a report (recorded in the sweep's folder first), or None: not a validation report."""
-        if self.validation_metric not in metrics:
+        """What Tune gets of a report while the job runs (recorded in the sweep's folder first), or None: not a
+        validation report, or the last one."""
+        if self.validation_metric not in metrics or metrics["iteration"] >= self.last_iteration:
             return None
+        return self._recorded(metrics)
+
+    def report_last(self, metrics: dict[str, Any] | None) -> None:
+        """Hand Tune the job's last report (`metrics`), once the job has ended."""
+        if self.validation_metric not in (metrics or {}):
+            return
+        try:
+            tune.report(self._recorded(metrics))
+        except SystemExit:  # how Tune ends a trial's thread when the scheduler stops it: nothing was left to do
+            pass
+
+    def _recorded(self, metrics: dict[str, Any]) -> dict[str, Any]:
         scored = scored_for_tune(metrics, self.objectives)
         record_report(*self.sweep, self.trial_id, scored)
         return scored
