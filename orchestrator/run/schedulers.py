@@ -1,11 +1,12 @@
 """Ray Tune's schedulers, where a sweep needs them to behave otherwise.
 
-HyperBand (synchronous), with brackets that close once filled. Ray's `_Bracket.filled()` counts the bracket's live trials. Once a bracket has halved its trials and its
-last ones have ended, it has fewer live trials than its size again, and Tune adds every new trial to it:
-at its last rung, so every later trial runs to max_t and HyperBand degenerates into random search
-(ray-project/ray#12536, closed unfixed). Seen here with trials run one at a time: of 34 BOHB trials, 26
-ran all 9 iterations where HyperBand's brackets let 12 do so. The schedulers below close a bracket once
-it has held its full number of trials, or has halved them: a new trial then starts a new bracket.
+HyperBand (synchronous), with brackets that close once filled. Ray's `_Bracket.filled()` counts the bracket's
+live trials. Once a bracket has halved its trials and its last ones have ended, it has fewer live trials than
+its size again, and Tune adds every new trial to it: at its last rung, so every later trial runs to max_t and
+HyperBand degenerates into random search (ray-project/ray#12536, closed unfixed). Seen here with trials run
+one at a time: of 34 BOHB trials, 26 ran all 9 iterations where HyperBand's brackets let 12 do so. The
+schedulers below close a bracket once it has held its full number of trials, or has halved them: a new trial
+then starts a new bracket.
 
 Median stopping, keyed by trial id. Ray's MedianStoppingRule keeps each trial's results under its Trial object;
 a resumed sweep rebuilds the rule's state from the stored reports (orchestrator/run/sweep_resume.py) before
