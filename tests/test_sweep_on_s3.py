@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from servers import BIN, S3_ENV, shared_tracking, stop_process_group
 
 BUCKET = "restorch-team"
 NAME = "s3sweep"
-ITERATIONS = 12
+ITERATIONS = 24
 
 SECOND_CLIENT = """
 import json, sys
@@ -75,14 +76,21 @@ def test_sweep_killed_resumes_from_s3_alone_and_is_shared(team, derain_data, tmp
 
     # Kill the driver (and its embedded Ray) once both trials are training, past their second
     # checkpoint. (Not earlier: a worker killed while DeepSpeed builds its CPU op leaves the build's
-    # lock file behind, and every later job on the machine waits for it forever.)
+    # lock file behind, and every later job on the machine waits for it forever.) A trial's
+    # checkpoint 4 is pruned once two later ones are kept, so the trials are collected over polls,
+    # and run ITERATIONS = 24 so that the sweep cannot end between one poll and the next.
     first = sweep(tmp_path / "spec.yaml", workdir)
     try:
         deadline = time.monotonic() + 600
-        while len({key.split("/")[3] for key in keys(s3, f"sweeps/{NAME}/jobs/") if "/checkpoint_0000004/" in key}) < 2:
+        past_second_checkpoint: set[str] = set()
+        while len(past_second_checkpoint) < 2:
             assert first.poll() is None, (workdir / "sweep.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the trials never reached their second checkpoint"
             time.sleep(1)
+            for key in keys(s3, f"sweeps/{NAME}/jobs/"):
+                checkpoint = re.search(r"/checkpoint_(\d+)/", key)
+                if checkpoint and int(checkpoint.group(1)) >= 4:
+                    past_second_checkpoint.add(key.split("/")[3])
     finally:
         stop_process_group(first, grace=0)
     assert f"sweeps/{NAME}/results.csv" not in keys(s3, f"sweeps/{NAME}/")
