@@ -149,7 +149,7 @@ def _final_checkpoints(rank: int, world_size: int, out: str, cases: list[tuple[i
             engine.step()
         directory = Path(out) / f"zero{stage}-{precision}"
         session = ReportBarrierSession(directory, rank, world_size)
-        report_checkpoint(engine, session, {"iteration": 2}, TINY_RESTORMER, str(directory), final=True)
+        report_checkpoint(engine, session, {"iteration": 2}, {}, TINY_RESTORMER, str(directory), final=True)
         if rank != 0:
             continue
         checkpoint = session.checkpoints[-1]

@@ -278,8 +278,9 @@ def test_resume_after_the_driver_is_killed(ray_address, derain_data, workdir, ml
     while True:
         progress = _child_progress(client)
         states = sorted(progress.values())
-        # a checkpoint every 3 iterations: at 9, the one at 3 (at least) is safely in storage
-        if any(s == "FINISHED" for s, _ in states) and any(s == "RUNNING" and i >= 9 for s, i in states):
+        # a checkpoint every 3 iterations: at 9, the one at 3 (at least) is safely in storage; by 21 (what MLflow
+        # has lags the training) the trial is still far from its end when the kill comes
+        if any(s == "FINISHED" for s, _ in states) and any(s == "RUNNING" and 9 <= i <= 21 for s, i in states):
             break
         assert driver.poll() is None, (workdir / "driver.log").read_text()[-3000:]
         assert time.monotonic() < deadline, f"no point to interrupt the sweep at: {progress}"

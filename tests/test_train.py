@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -44,21 +45,23 @@ def make_spec(dataset: Path, storage: Path, name: str = "job", **sections: Any):
     return parse_spec(spec_data(dataset, storage, name, **sections))
 
 
-def _run_local(config: JobConfig, directory: str, resume_from: str | None) -> tuple[list[dict], list[str]]:
+def _run_local(config: JobConfig, directory: str, resume_from: str | None) -> tuple[list[dict], list[str], dict]:
     from workloads.session import LocalSession
     from workloads.train import init_local_process_group, run_training
 
     init_local_process_group()
     session = LocalSession(Path(directory), Path(resume_from) if resume_from else None)
+    result = {}
     try:
-        run_training(config, session)
+        result = run_training(config, session)
     except RuntimeError as error:
         if "injected fault" not in str(error):
             raise
-    return session.reports, [str(p) for p in session.checkpoints]
+    return session.reports, [str(p) for p in session.checkpoints], result
 
 
-def run_local(config: JobConfig, directory: Path, resume_from: Path | None = None) -> tuple[list[dict], list[str]]:
+def run_local(config: JobConfig, directory: Path, resume_from: Path | None = None) -> tuple[list[dict], list[str], dict]:
+    """The job run in a spawned process: its reports, its checkpoints, what the recipe returned."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_run_local, config, str(directory), str(resume_from) if resume_from else None).result()
 
@@ -70,19 +73,25 @@ def losses(reports: list[dict]) -> dict[int, float]:
 def test_resume_continues_exactly_and_consolidated_model_matches(derain_data, tmp_path):
     spec = make_spec(derain_data, tmp_path)
     config = job_config(spec, "job", str(tmp_path))
-    full, full_checkpoints = run_local(config, tmp_path / "full")
+    full, full_checkpoints, last_validation = run_local(config, tmp_path / "full")
 
     # Stop right after the checkpoint at iteration 4 (a fault at iteration 5), then resume from it.
     stopped_config = dataclasses.replace(config, test_hook=crash(0, 5, tmp_path / "fault"))
-    stopped, stopped_checkpoints = run_local(stopped_config, tmp_path / "stopped")
+    stopped, stopped_checkpoints, _ = run_local(stopped_config, tmp_path / "stopped")
     assert [r["iteration"] for r in stopped] == [1, 2, 3, 4]
-    resumed, _ = run_local(config, tmp_path / "resumed", resume_from=Path(stopped_checkpoints[-1]))
+    resumed, _, resumed_validation = run_local(config, tmp_path / "resumed", resume_from=Path(stopped_checkpoints[-1]))
 
     assert [r["iteration"] for r in resumed] == [5, 6, 7, 8]
     assert all(r["resumed_from"] == 4 for r in resumed)
     for iteration in (5, 6, 7, 8):
         assert losses(resumed)[iteration] == pytest.approx(losses(full)[iteration], abs=1e-6)
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in full[4:]], rel=1e-9)
+    assert last_validation["iteration"] == 8 and resumed_validation["psnr"] == pytest.approx(last_validation["psnr"])
+
+    # Resumed from its final checkpoint (its process died before the end was reported), the job runs nothing
+    # and returns the validation stored with that checkpoint: a sweep's trial reports it, not an empty result.
+    again, _, again_validation = run_local(config, tmp_path / "again", resume_from=Path(full_checkpoints[-1]))
+    assert again == [] and again_validation == last_validation
 
     # model.pt: the consolidated fp32 weights, loadable without DeepSpeed, equal to DeepSpeed's module.
     from workloads.train import load_consolidated
@@ -104,7 +113,7 @@ def test_zero_stages_give_the_same_loss_curve(derain_data, tmp_path):
     for stage in (0, 1, 2):
         spec = make_spec(derain_data, tmp_path, train={"iterations": 5, "val_every": 100, "checkpoint_every": 100},
                          deepspeed={"zero_stage": stage})
-        reports, _ = run_local(job_config(spec, "job", str(tmp_path)), tmp_path / f"zero{stage}")
+        reports, _, _ = run_local(job_config(spec, "job", str(tmp_path)), tmp_path / f"zero{stage}")
         curves[stage] = [r["loss"] for r in reports]
     assert len(curves[0]) == 5
     # ZeRO sums the clipped gradient norm over its flat partitions in another order; Adam turns those
@@ -271,3 +280,15 @@ def test_a_build_lock_left_by_a_killed_compile_does_not_hang_the_next_job():
     lock.touch()
     subprocess.run([sys.executable, "-m", "workloads.deepspeed_ops"], check=True, timeout=600)
     assert not lock.exists()
+
+
+def test_the_op_is_built_by_the_environments_ninja_whatever_is_on_path(tmp_path):
+    # Another ninja first on PATH (a Debian ninja-build 1.11 next to the package's 1.13) hashes the build's
+    # commands differently, and would recompile the op on every switch of PATH: this one fails if it is run.
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([sys.executable, "-m", "workloads.deepspeed_ops"], env=env, check=True, timeout=600)
+    assert not (tmp_path / "ran").exists()

@@ -56,8 +56,8 @@ def run_training(config: JobConfig, session: Session) -> dict[str, Any]:
     model = setup_model(config)
     data = setup_data(config, task)
     engine = setup_engine(config, model, session.world_size)
-    start = resume(engine, config, session)
-    return train_loop(engine, data, task, config, session, start)
+    start, last_validation = resume(engine, config, session)
+    return train_loop(engine, data, task, config, session, start, last_validation)
 
 
 def setup_model(config: JobConfig) -> torch.nn.Module:
@@ -116,21 +116,22 @@ def setup_engine(config: JobConfig, model: torch.nn.Module, world_size: int) -> 
     return engine
 
 
-def resume(engine: Any, config: JobConfig, session: Session) -> int:
+def resume(engine: Any, config: JobConfig, session: Session) -> tuple[int, dict[str, Any]]:
     """Load the newest intact checkpoint Ray Train hands over or, in a pbt trial's new job, the one of the
     trial it continues (`segment.init_from`), with the job's own lr and weight decay; returns the iteration
-    it was written at (0: a fresh start)."""
+    it was written at (0: a fresh start) and the job's last validation before it (none from another job's)."""
     directory = session.resume_directory()
+    own = directory is not None
     donor = config.segment.init_from if config.segment else None
     if directory is None and donor is not None:
         directory = newest_intact([(donor.path, donor.to_directory)], session.rank)
     if directory is None:
-        return 0
+        return 0, {}
     with directory as folder:
         _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         restore_rng(Path(folder) / f"rng_rank{session.rank}.pt")
     set_hyperparameters(engine, config.train.lr, config.train.weight_decay)
-    return client_state["iteration"]
+    return client_state["iteration"], client_state.get("last_validation", {}) if own else {}
 
 
 class Window:
@@ -140,17 +141,19 @@ class Window:
         self.images, self.iterations, self.started = 0, 0, time.perf_counter()
 
 
-def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: Session, start: int) -> dict[str, Any]:
+def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: Session, start: int,
+               last_validation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The loop, from iteration `start` to `config.stop_iteration`: reports at `reports_at` steps, validates
     every val_every and checkpoints every checkpoint_every iterations (and at the end); returns the last
-    validation's metrics. A test hook (`config.test_hook`) runs before each iteration."""
+    validation's metrics (`last_validation`, the one before `start`, if none is left to run: a job resumed
+    from its final checkpoint). A test hook (`config.test_hook`) runs before each iteration."""
     train, rank, world_size = config.train, session.rank, session.world_size
     hook = config.test_hook.load() if config.test_hook else None
     sampler = training_sampler(config, len(data.train_set), start, rank, world_size)
     workers = loader_workers(config.data.num_workers, config.resources.cpus_per_worker)
     loader = training_loader(data.train_set, sampler, workers, engine.device)
     dtype = next(engine.module.parameters()).dtype
-    window, result = Window(), {}
+    window, result = Window(), dict(last_validation or {})
     for iteration, batch in enumerate(loader, start=start):
         step = iteration + 1
         if hook is not None:
@@ -179,7 +182,7 @@ def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: 
         if rank == 0:
             print(progress_line(metrics, train.iterations, elapsed / window.iterations), flush=True)
         if step % train.checkpoint_every == 0 or step == train.iterations:
-            report_checkpoint(engine, session, metrics, config.model, config.storage.folder,
+            report_checkpoint(engine, session, metrics, result, config.model, config.storage.folder,
                               final=step == train.iterations)
         else:
             session.report(metrics)
@@ -297,12 +300,14 @@ def validate_sets(model: torch.nn.Module, val_sets: PairedDataset | dict[str, Pa
                       for name, dataset in val_sets.items()})
 
 
-def report_checkpoint(engine: Any, session: Session, metrics: dict[str, Any], model_config: dict[str, Any],
-                      job_folder: str, final: bool) -> None:
+def report_checkpoint(engine: Any, session: Session, metrics: dict[str, Any], last_validation: dict[str, Any],
+                      model_config: dict[str, Any], job_folder: str, final: bool) -> None:
     """Every rank writes its part of a DeepSpeed checkpoint and reports it; Ray merges the parts into
-    `job_folder`/checkpoint_{iteration}. The final one also holds model.pt (`model_config` rebuilds it)."""
+    `job_folder`/checkpoint_{iteration}. The final one also holds model.pt (`model_config` rebuilds it).
+    `last_validation` goes with it: what a job resumed from it returns if nothing is left to run."""
     with tempfile.TemporaryDirectory(prefix="restorch-ckpt-") as directory:
-        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"iteration": metrics["iteration"]})
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
+                               client_state={"iteration": metrics["iteration"], "last_validation": last_validation})
         torch.save(rng_state(), Path(directory) / f"rng_rank{session.rank}.pt")
         if final:
             weights = consolidated_state_dict(engine)  # on every rank: a collective

@@ -131,5 +131,6 @@ def run_inline(config: JobConfig, *, use_gpu: bool, keep: int | None, metric: st
     mark("worker_imported")
     init_local_process_group(use_gpu=use_gpu)
     session = InlineSession(config, keep=keep, metric=metric, mode=mode, for_tune=for_tune)
-    tracked_train_loop(config, session)
-    return session.last_metrics, session.last_checkpoint
+    last_validation = tracked_train_loop(config, session)
+    # nothing reported: resumed from its final checkpoint (the trial's process died before Tune had its end)
+    return session.last_metrics or last_validation, session.last_checkpoint
