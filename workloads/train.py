@@ -142,7 +142,7 @@ class Window:
 
 
 def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: Session, start: int,
-               last_validation: dict[str, Any] | None = None) -> dict[str, Any]:
+               last_validation: dict[str, Any]) -> dict[str, Any]:
     """The loop, from iteration `start` to `config.stop_iteration`: reports at `reports_at` steps, validates
     every val_every and checkpoints every checkpoint_every iterations (and at the end); returns the last
     validation's metrics (`last_validation`, the one before `start`, if none is left to run: a job resumed
@@ -153,7 +153,7 @@ def train_loop(engine: Any, data: Data, task: Task, config: JobConfig, session: 
     workers = loader_workers(config.data.num_workers, config.resources.cpus_per_worker)
     loader = training_loader(data.train_set, sampler, workers, engine.device)
     dtype = next(engine.module.parameters()).dtype
-    window, result = Window(), dict(last_validation or {})
+    window, result = Window(), dict(last_validation)
     for iteration, batch in enumerate(loader, start=start):
         step = iteration + 1
         if hook is not None:
