@@ -163,11 +163,12 @@ def local_ray() -> Iterator[None]:
 def run_search(spec: ExperimentSpec, tmp_path: Path) -> tuple[float, int]:
     """Tune over the synthetic trial with the spec's searcher and scheduler, as a sweep builds them: the best
     final objective among the trials that ran to the end, and the iterations all trials ran. One CPU a trial
-    on the module's two: the searchers' own limit of one trial at a time keeps the order of results, and with
-    it what a model-based searcher learns, the same in every run (as with two CPUs a trial, checked over the 8
-    seeds below). Actors are reused to keep the module fast (a sweep's are not), and the spare CPU is for that:
-    Tune keeps a paused trial's idle actor for a later trial. With two CPUs a trial, a BOHB search in CI once
-    waited on a single pending placement group, no trial running, until the test's timeout."""
+    on the module's two. The searchers run one trial at a time by themselves (max_concurrent_trials: 1), so the
+    order of results, and with it what a model-based one learns, is the same in every run; only random search
+    under hyperband, which a sweep does not limit (orchestrator/run/sweep.py), may run two at once. Actors are
+    reused to keep the module fast (a sweep's are not), and the spare CPU is for that: Tune keeps a paused
+    trial's idle actor for a later trial. With two CPUs a trial, a BOHB search in CI once waited on a single
+    pending placement group, no trial running, until the test's timeout."""
     from ray import tune
 
     from orchestrator.run.sweep import _scheduler, _search_algorithm, tune_domain
